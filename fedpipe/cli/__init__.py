@@ -1,0 +1,1 @@
+"""Console entry points; each is `main(argv) -> int` over the library API."""

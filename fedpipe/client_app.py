@@ -1,0 +1,115 @@
+"""The Flower ClientApp: train on the local shard, send back an encoded update.
+
+The app is built by a factory so that simulation can hand it the config directly while
+a deployed app reads it from Flower's run config; both then run the same code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedpipe.codec import build_codec
+from fedpipe.config import RunConfig
+from fedpipe.data import Split, client_shard, load_dataset
+from fedpipe.models import build_model
+from fedpipe.records import (
+    ARRAYS,
+    CLIENT_ID,
+    CODEC,
+    CONFIG,
+    INFO,
+    METRICS,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    UPDATE,
+    config_from_run_config,
+    encode_records,
+)
+from fedpipe.seed import client_seed, round_generator
+from fedpipe.training import evaluate, select_device, train
+
+__all__ = ["make_client_app"]
+
+STATE = "fedpipe-client"  # ConfigRecord in context.state that survives rounds
+
+
+def _client_id(context: Context) -> int:
+    """Simulation numbers clients by partition; a deployed device says so in node config."""
+    for key in ("partition-id", "client-id"):
+        if key in context.node_config:
+            return int(context.node_config[key])
+    raise KeyError("node config has neither 'partition-id' nor 'client-id'")
+
+
+def _local_data(cfg: RunConfig, cid: int) -> Split:
+    return client_shard(cfg.data, cfg.partition, cfg.seed, cid)
+
+
+def _model(cfg: RunConfig, msg: Message) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    ds = load_dataset(cfg.data)
+    model = build_model(cfg.model, ds.input_shape, ds.num_classes)
+    global_sd = msg.content.array_records[ARRAYS].to_torch_state_dict()
+    model.load_state_dict(global_sd)
+    return model, global_sd
+
+
+def _remember(context: Context, server_round: int) -> None:
+    """Per-client state that must survive rounds (error feedback will live here too)."""
+    state = context.state.config_records.setdefault(STATE, ConfigRecord())
+    state["rounds-trained"] = int(state.get("rounds-trained", 0)) + 1  # type: ignore[call-overload]
+    state["last-round"] = server_round
+
+
+def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    cid = _client_id(context)
+    if cid in cfg.simulation.fail_clients:
+        raise RuntimeError(f"client {cid}: injected failure (simulation.fail_clients)")
+    server_round = int(msg.content.config_records[CONFIG][SERVER_ROUND])  # type: ignore[call-overload]
+    model, global_sd = _model(cfg, msg)
+    result = train(model, _local_data(cfg, cid), cfg.train,
+                   round_generator(cfg.seed, cid, server_round), select_device(cfg.train.device))
+    # The update, not the weights: what codecs compress and error feedback corrects.
+    local_sd = model.state_dict()
+    update = {k: (local_sd[k].detach().float().cpu() - global_sd[k].float()).numpy()
+              for k in global_sd}
+    rng = np.random.default_rng([client_seed(cfg.seed, cid), server_round])
+    arrays, meta = encode_records(build_codec(cfg.codec).encode(update, rng))
+    _remember(context, server_round)
+    content = RecordDict({
+        UPDATE: arrays,
+        CODEC: meta,
+        METRICS: MetricRecord({NUM_EXAMPLES: result.num_examples, "train_loss": result.loss}),
+        INFO: ConfigRecord({CLIENT_ID: cid}),
+    })
+    return Message(content, reply_to=msg)
+
+
+def client_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Federated evaluation of the global model on the client's own shard."""
+    cid = _client_id(context)
+    model, _ = _model(cfg, msg)
+    data = _local_data(cfg, cid)
+    loss, acc = evaluate(model, data, device=select_device(cfg.train.device))
+    metrics = MetricRecord({NUM_EXAMPLES: len(data), "eval_loss": loss, "eval_accuracy": acc})
+    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
+    """A ClientApp bound to `cfg`, or reading it from the run config when `cfg` is None."""
+    app = ClientApp()
+
+    def resolve(context: Context) -> RunConfig:
+        return cfg if cfg is not None else config_from_run_config(dict(context.run_config))
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return client_train(msg, context, resolve(context))
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return client_evaluate(msg, context, resolve(context))
+
+    return app

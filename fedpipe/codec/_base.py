@@ -1,0 +1,60 @@
+"""The codec seam: how an update is turned into bytes on a device and back at the server.
+
+A codec is a pair of pure functions over NumPy arrays with an explicit RNG. The client
+encodes its update (local minus global weights); the server decodes it against the
+global model it sent. Nothing here knows about Flower: `fedpipe.records` moves the
+encoded arrays and metadata in and out of Flower records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+__all__ = ["Codec", "Encoded", "PayloadError", "Update", "check_update"]
+
+# name -> array, in the model's state_dict order
+Update = dict[str, np.ndarray]
+MetaValue = str | int | float | bytes | bool
+
+
+class PayloadError(ValueError):
+    """A reply's payload cannot be turned into a valid update; the reply is dropped."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """What a codec puts on the wire: arrays (any dtype) plus small metadata."""
+
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, MetaValue] = field(default_factory=dict)
+
+
+class Codec(Protocol):
+    """encode on the device, decode at the aggregator."""
+
+    name: str
+
+    def encode(self, update: Update, rng: np.random.Generator) -> Encoded: ...
+
+    def decode(self, encoded: Encoded, like: Mapping[str, np.ndarray]) -> Update: ...
+
+
+def check_update(update: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray]) -> None:
+    """Reject an update that does not fit the global model, or carries NaN/Inf.
+
+    Runs on every decoded reply, whatever the codec, before any strategy sees it.
+    """
+    if list(update) != list(like):
+        missing = sorted(set(like) - set(update))
+        extra = sorted(set(update) - set(like))
+        raise PayloadError(f"update keys differ from the model: missing {missing}, extra {extra}")
+    for name, ref in like.items():
+        arr = update[name]
+        if arr.shape != ref.shape:
+            raise PayloadError(f"{name}: shape {arr.shape} != model shape {ref.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise PayloadError(f"{name}: update contains NaN or Inf")

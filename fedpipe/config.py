@@ -1,0 +1,359 @@
+"""One typed configuration for a fedpipe run.
+
+Every knob lives in a frozen dataclass here. Configs are built exactly once, at the edge
+(CLI or Python caller), from TOML plus ``key=value`` overrides, and validated on
+construction so that a bad value fails before any process starts. The resolved config
+is serialised back to TOML and travels with the run (run directory, Flower run config,
+checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import tomli_w
+
+__all__ = [
+    "CodecConfig",
+    "ConfigError",
+    "DataConfig",
+    "FederationConfig",
+    "ModelConfig",
+    "PartitionConfig",
+    "RunConfig",
+    "SimulationConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_from_toml",
+    "config_to_dict",
+    "config_to_toml",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value is out of range; the message names both."""
+
+
+def _choice(section: str, name: str, value: str, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{section}.{name}={value!r} is not allowed; choose one of {allowed}")
+
+
+def _range(
+    section: str,
+    name: str,
+    value: float,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+) -> None:
+    too_low = lo is not None and (value <= lo if lo_open else value < lo)
+    too_high = hi is not None and value > hi
+    if too_low or too_high:
+        left = "(" if lo_open else "["
+        bounds = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ConfigError(f"{section}.{name}={value!r} is out of range; allowed {bounds}")
+
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "file")
+PARTITIONERS = ("iid", "dirichlet", "shards")
+MODELS = ("mlp", "cnn", "resnet18")
+OPTIMIZERS = ("sgd", "adam")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+STRATEGIES = ("fedavg", "fedavgm", "fedmedian", "fedtrimmedavg")
+CODECS = ("float32",)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training data comes from."""
+
+    SECTION: ClassVar[str] = "data"
+    dataset: str = "digits"
+    # Folder holding torchvision datasets; empty means search $FEDPIPE_DATA, ./data,
+    # ../shared/data in that order.
+    root: str = ""
+    # For dataset="file": an .npz with arrays x, y (and optionally x_test, y_test).
+    path: str = ""
+    # Allow torchvision to download a missing dataset (needs network access).
+    download: bool = False
+
+    def __post_init__(self) -> None:
+        _choice(self.SECTION, "dataset", self.dataset, DATASETS)
+        if self.dataset == "file" and not self.path:
+            raise ConfigError("data.path must name an .npz file when data.dataset='file'")
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the training set is split across clients (simulation and `partition`)."""
+
+    SECTION: ClassVar[str] = "partition"
+    scheme: str = "iid"
+    num_clients: int = 10
+    # Dirichlet concentration: small alpha = strong label skew.
+    alpha: float = 0.5
+    # Dirichlet resamples until every client holds at least this many examples.
+    min_size: int = 10
+    # "shards": number of distinct classes each client holds.
+    classes_per_client: int = 2
+
+    def __post_init__(self) -> None:
+        _choice(self.SECTION, "scheme", self.scheme, PARTITIONERS)
+        _range(self.SECTION, "num_clients", self.num_clients, 1, 100_000)
+        _range(self.SECTION, "alpha", self.alpha, 0.0, lo_open=True)
+        _range(self.SECTION, "min_size", self.min_size, 0)
+        _range(self.SECTION, "classes_per_client", self.classes_per_client, 1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network to train."""
+
+    SECTION: ClassVar[str] = "model"
+    name: str = "mlp"
+    # Width of the MLP hidden layers (ignored by other models).
+    hidden: int = 64
+
+    def __post_init__(self) -> None:
+        _choice(self.SECTION, "name", self.name, MODELS)
+        _range(self.SECTION, "hidden", self.hidden, 1, 65_536)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on each client."""
+
+    SECTION: ClassVar[str] = "train"
+    epochs: int = 3
+    batch_size: int = 16
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    device: str = "auto"
+    # CPU threads torch may use on a client (IoT boards and simulated clients share cores).
+    threads: int = 1
+    # Mixed precision; only takes effect on CUDA.
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        _range(self.SECTION, "epochs", self.epochs, 1, 10_000)
+        _range(self.SECTION, "batch_size", self.batch_size, 1, 1_000_000)
+        _choice(self.SECTION, "optimizer", self.optimizer, OPTIMIZERS)
+        _range(self.SECTION, "lr", self.lr, 0.0, 10.0, lo_open=True)
+        _range(self.SECTION, "momentum", self.momentum, 0.0, 1.0)
+        _range(self.SECTION, "weight_decay", self.weight_decay, 0.0, 1.0)
+        _choice(self.SECTION, "device", self.device, DEVICES)
+        _range(self.SECTION, "threads", self.threads, 1, 1024)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The FedAvg rounds the coordinator runs."""
+
+    SECTION: ClassVar[str] = "federation"
+    rounds: int = 10
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    # Federated evaluation on the clients' own shards; centralized evaluation on the
+    # held-out test set always runs on the server.
+    fraction_evaluate: float = 0.0
+    min_nodes: int = 2
+    # Seconds the server waits for replies in a round before aggregating what it has.
+    round_timeout: float = 600.0
+    # Server-side momentum for fedavgm; trimmed fraction for fedtrimmedavg.
+    server_momentum: float = 0.9
+    trim_beta: float = 0.2
+
+    def __post_init__(self) -> None:
+        _range(self.SECTION, "rounds", self.rounds, 1, 100_000)
+        _choice(self.SECTION, "strategy", self.strategy, STRATEGIES)
+        _range(self.SECTION, "fraction_train", self.fraction_train, 0.0, 1.0, lo_open=True)
+        _range(self.SECTION, "fraction_evaluate", self.fraction_evaluate, 0.0, 1.0)
+        _range(self.SECTION, "min_nodes", self.min_nodes, 1)
+        _range(self.SECTION, "round_timeout", self.round_timeout, 0.0, lo_open=True)
+        _range(self.SECTION, "server_momentum", self.server_momentum, 0.0, 1.0)
+        _range(self.SECTION, "trim_beta", self.trim_beta, 0.0, 0.5)
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """How a client's update is encoded for the uplink."""
+
+    SECTION: ClassVar[str] = "codec"
+    scheme: str = "float32"
+
+    def __post_init__(self) -> None:
+        _choice(self.SECTION, "scheme", self.scheme, CODECS)
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Single-machine simulation with Flower's simulation engine."""
+
+    SECTION: ClassVar[str] = "simulation"
+    # CPU cores reserved per virtual client; 2 cores / 1.0 = two clients train at once.
+    cpus_per_client: float = 1.0
+    # Fault injection for resilience tests: these client ids raise during training.
+    fail_clients: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _range(self.SECTION, "cpus_per_client", self.cpus_per_client, 0.0, 1024.0, lo_open=True)
+        for cid in self.fail_clients:
+            _range(self.SECTION, "fail_clients[]", cid, 0)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: what is trained, on what, how, and where results go."""
+
+    SECTION: ClassVar[str] = ""
+    name: str = "run"
+    seed: int = 0
+    # Each run writes a fresh sub-directory here.
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def __post_init__(self) -> None:
+        _range("", "seed", self.seed, 0, 2**32 - 1)
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name={self.name!r} must be non-empty and contain no '/'")
+        for cid in self.simulation.fail_clients:
+            _range("simulation", "fail_clients[]", cid, 0, self.partition.num_clients - 1)
+
+
+# --- dict <-> dataclass ------------------------------------------------------------
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`, allowing only lossless conversions."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a table, got {value!r}")
+        return _build(tp, value, key)  # type: ignore[arg-type]
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(f"{key}[]", v, item_tp) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # programming error
+
+
+def _build(cls: type[Any], data: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"unknown config key {where!r}; allowed keys: {sorted(known)}")
+    kwargs = {
+        k: _coerce(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in data.items()
+    }
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig; missing keys take their defaults."""
+    cfg: RunConfig = _build(RunConfig, data)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) suitable for TOML or JSON."""
+
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = config_to_dict(v) if dataclasses.is_dataclass(v) else plain(v)
+    return out
+
+
+def config_to_toml(cfg: RunConfig) -> str:
+    return tomli_w.dumps(config_to_dict(cfg))
+
+
+def config_from_toml(text: str) -> RunConfig:
+    return config_from_dict(tomllib.loads(text))
+
+
+# --- overrides ----------------------------------------------------------------------
+
+
+def _parse_value(raw: str) -> Any:
+    """Parse an override value as a TOML literal; bare words stay strings."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides to a nested dict, keeping sibling keys intact."""
+    out = _deep_copy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=0.1)")
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a table")
+            node = child
+        node[leaf] = _parse_value(raw.strip())
+    return out
+
+
+def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """TOML file (optional) + ``key=value`` overrides -> validated RunConfig."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
+    return config_from_dict(apply_overrides(data, overrides))
+

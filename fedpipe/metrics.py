@@ -1,0 +1,71 @@
+"""Per-round records: one JSON line each in metrics.jsonl, one progress line on stdout."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["MetricsLog", "RoundRecord", "progress_line", "read_metrics"]
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    accuracy: float  # centralized, on the held-out test set
+    loss: float  # centralized test loss
+    train_loss: float | None  # weighted mean over the clients that replied
+    clients_sampled: int
+    clients_replied: int  # replies that decoded and were aggregated
+    clients_failed: int  # errors, undecodable payloads and timeouts
+    bytes_up: int  # serialized reply payloads received this round
+    bytes_down: int  # serialized messages sent to clients this round
+    seconds: float  # wall time of the round, including centralized evaluation
+    decode_seconds: float
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def progress_line(rec: RoundRecord, total_rounds: int) -> str:
+    return (
+        f"round {rec.round:>3}/{total_rounds} | acc {rec.accuracy:.4f} | loss {rec.loss:.4f} | "
+        f"clients {rec.clients_replied}/{rec.clients_sampled} ok, {rec.clients_failed} failed | "
+        f"up {_mb(rec.bytes_up)} down {_mb(rec.bytes_down)} | {rec.seconds:.1f} s"
+    )
+
+
+class MetricsLog:
+    """Appends each round to `path` as it finishes, so a killed run keeps what it did."""
+
+    def __init__(self, path: Path, total_rounds: int, stream: TextIO | None = None) -> None:
+        self.path = path
+        self.total_rounds = total_rounds
+        self.stream = stream if stream is not None else sys.stdout
+        self.records: list[RoundRecord] = []
+
+    def write(self, rec: RoundRecord) -> None:
+        self.records.append(rec)
+        with self.path.open("a") as f:
+            f.write(json.dumps(dataclasses.asdict(rec)) + "\n")
+        print(progress_line(rec, self.total_rounds), file=self.stream, flush=True)
+
+    def summary(self, wall_seconds: float) -> dict[str, Any]:
+        last = self.records[-1] if self.records else None
+        return {
+            "rounds": len(self.records),
+            "final_accuracy": last.accuracy if last else None,
+            "final_loss": last.loss if last else None,
+            "wall_seconds": wall_seconds,
+            "total_bytes_up": sum(r.bytes_up for r in self.records),
+            "total_bytes_down": sum(r.bytes_down for r in self.records),
+            "clients_failed": sum(r.clients_failed for r in self.records),
+        }
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

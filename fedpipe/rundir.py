@@ -1,0 +1,55 @@
+"""The run directory: everything a run leaves behind, in one folder per run."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedpipe.config import RunConfig, config_to_dict, config_to_toml
+
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "MODEL_FILE", "PARTITION_FILE", "SUMMARY_FILE",
+           "create_run_dir", "save_model", "write_json"]
+
+CONFIG_FILE = "config.toml"
+METRICS_FILE = "metrics.jsonl"
+MODEL_FILE = "model.pt"
+SUMMARY_FILE = "summary.json"
+PARTITION_FILE = "partition.json"
+
+
+def create_run_dir(cfg: RunConfig) -> Path:
+    """`<output_dir>/<name>-<timestamp>[-n]/` with the resolved config written into it."""
+    base = Path(cfg.output_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        path = base / (f"{cfg.name}-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        (path / CONFIG_FILE).write_text(config_to_toml(cfg))
+        return path
+    raise FileExistsError(f"could not create a fresh run directory under {base}")
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def save_model(path: Path, model: nn.Module, cfg: RunConfig, input_shape: tuple[int, ...],
+               num_classes: int) -> None:
+    """State dict plus everything needed to rebuild the model (config inside, as nanoGPT)."""
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "config": config_to_dict(cfg),
+            "input_shape": list(input_shape),
+            "num_classes": num_classes,
+        },
+        path,
+    )

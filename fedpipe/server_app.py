@@ -1,0 +1,84 @@
+"""The Flower ServerApp: FedAvg (or another Flower strategy) behind the decode wrapper,
+with centralized evaluation of the global model on the held-out test set every round."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedpipe.codec import build_codec
+from fedpipe.config import RunConfig
+from fedpipe.data import load_dataset
+from fedpipe.metrics import MetricsLog
+from fedpipe.models import build_model
+from fedpipe.records import config_from_run_config
+from fedpipe.rundir import METRICS_FILE, MODEL_FILE, SUMMARY_FILE, save_model, write_json
+from fedpipe.seed import set_seed
+from fedpipe.strategy import CodecStrategy, build_strategy
+from fedpipe.training import evaluate
+
+__all__ = ["make_server_app", "run_server"]
+
+log = logging.getLogger(__name__)
+
+
+def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, object]:
+    """Run all rounds on `grid`, writing metrics, the final model and the summary."""
+    t0 = time.perf_counter()
+    set_seed(cfg.seed)
+    data = load_dataset(cfg.data)
+    if len(data.test) == 0:
+        raise ValueError(f"dataset {data.name!r} has no test split for centralized evaluation")
+    model = build_model(cfg.model, data.input_shape, data.num_classes)  # seeded init
+
+    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, acc = evaluate(model, data.test)
+        return MetricRecord({"accuracy": acc, "loss": loss})
+
+    metrics = MetricsLog(run_dir / METRICS_FILE, cfg.federation.rounds)
+    strategy = CodecStrategy(build_strategy(cfg.federation), build_codec(cfg.codec),
+                             on_round_end=metrics.write)
+    result = strategy.start(
+        grid,
+        ArrayRecord(model.state_dict()),
+        num_rounds=cfg.federation.rounds,
+        timeout=cfg.federation.round_timeout,
+        train_config=ConfigRecord(),
+        evaluate_fn=central_evaluate,
+    )
+    model.load_state_dict(result.arrays.to_torch_state_dict())
+    save_model(run_dir / MODEL_FILE, model, cfg, data.input_shape, data.num_classes)
+    summary = metrics.summary(time.perf_counter() - t0)
+    write_json(run_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def make_server_app(
+    cfg: RunConfig | None = None,
+    run_dir: Path | None = None,
+    errors: list[BaseException] | None = None,
+) -> ServerApp:
+    """A ServerApp bound to `cfg` and `run_dir`, or reading them from the run config.
+
+    Flower's simulation runs the ServerApp in a thread and only logs its exceptions;
+    `errors` collects them so the caller can fail with the real reason.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        try:
+            run_cfg = cfg or config_from_run_config(dict(context.run_config))
+            out = run_dir if run_dir is not None else Path(str(context.run_config["run-dir"]))
+            run_server(grid, run_cfg, out)
+        except BaseException as exc:
+            if errors is not None:
+                errors.append(exc)
+            raise
+
+    return app

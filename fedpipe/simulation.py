@@ -1,0 +1,124 @@
+"""Single-machine simulation: N virtual clients on Flower's simulation engine (Ray)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpipe.config import RunConfig
+from fedpipe.data import label_histograms, load_dataset, partition_indices
+from fedpipe.rundir import PARTITION_FILE, SUMMARY_FILE, create_run_dir, write_json
+
+__all__ = ["RunFailed", "SimulationResult", "offline_env", "quiet_flower", "run_simulation"]
+
+log = logging.getLogger(__name__)
+
+# Flower phones home unless told not to; everything fedpipe starts inherits this.
+OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+class RunFailed(RuntimeError):
+    """The run did not complete; the message says why."""
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    run_dir: Path
+    summary: dict[str, Any]
+
+
+def offline_env() -> None:
+    os.environ.update(OFFLINE_ENV)
+    # Ray would otherwise start a dashboard and report usage statistics.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def quiet_flower(verbose: bool = False) -> None:
+    """Show fedpipe's progress lines, not Flower's per-round INFO chatter.
+
+    Flower re-installs its own console handler at INFO on every run, so the filter goes
+    on the "flwr" logger itself; warnings and errors (e.g. a failing client) still show.
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False  # Flower has its own handler; avoid printing twice
+    if not verbose:
+        flwr_logger.addFilter(_important)
+
+
+# Warnings Flower prints on every run that say nothing about this run.
+_NOISE = ("DEPRECATED FEATURE", "fraction_evaluate is set to 0.0")
+
+
+def _important(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING and not any(
+        n in str(record.msg) for n in _NOISE)
+
+
+def log_partition(cfg: RunConfig, run_dir: Path) -> None:
+    """Log and save every client's shard size and label histogram."""
+    data = load_dataset(cfg.data)
+    labels = data.train.y.numpy()
+    parts = partition_indices(cfg.data, cfg.partition, cfg.seed)
+    hists = label_histograms(labels, list(parts), data.num_classes)
+    for cid, (idx, hist) in enumerate(zip(parts, hists, strict=True)):
+        log.info("client %d: %d examples, labels %s", cid, len(idx), hist)
+    write_json(run_dir / PARTITION_FILE, {
+        "dataset": data.name,
+        "scheme": cfg.partition.scheme,
+        "clients": [{"client": c, "size": len(p), "labels": h}
+                    for c, (p, h) in enumerate(zip(parts, hists, strict=True))],
+    })
+
+
+def _backend_config(cfg: RunConfig) -> dict[str, Any]:
+    return {
+        "client_resources": {"num_cpus": cfg.simulation.cpus_per_client, "num_gpus": 0.0},
+        "init_args": {"include_dashboard": False, "num_cpus": os.cpu_count() or 1},
+    }
+
+
+def _stop_ray() -> None:
+    """Flower leaves Ray running after a simulation; fedpipe leaves no process behind."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def run_simulation(cfg: RunConfig, run_dir: Path | None = None) -> SimulationResult:
+    """Run `cfg` on the simulation engine and return the run directory and summary."""
+    offline_env()
+    # Fail on a missing dataset or impossible partition before Ray starts.
+    load_dataset(cfg.data)
+    run_dir = run_dir or create_run_dir(cfg)
+    log_partition(cfg, run_dir)
+
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    from fedpipe.client_app import make_client_app
+    from fedpipe.server_app import make_server_app
+
+    errors: list[BaseException] = []
+    try:
+        flwr_run_simulation(
+            server_app=make_server_app(cfg, run_dir, errors),
+            client_app=make_client_app(cfg),
+            num_supernodes=cfg.partition.num_clients,
+            backend_config=_backend_config(cfg),
+        )
+    finally:
+        _stop_ray()
+    summary_path = run_dir / SUMMARY_FILE
+    if errors or not summary_path.exists():
+        reason = repr(errors[0]) if errors else "the ServerApp stopped before the last round"
+        raise RunFailed(f"simulation failed: {reason} (run directory {run_dir})")
+    return SimulationResult(run_dir, json.loads(summary_path.read_text()))
+

@@ -1,0 +1,253 @@
+"""The decode wrapper around any Flower Message-API strategy.
+
+`CodecStrategy` sits between Flower's round loop (`Strategy.start`, reused as is) and
+the real strategy (FedAvg by default). Each training reply carries an *encoded update*;
+the wrapper decodes it against the global model it broadcast, validates it, turns it
+into the full float32 weights `global + update` that every Flower strategy expects, and
+drops anything that fails, with the reason logged and counted, so one bad client never
+stops a round. It also measures what each round cost on the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedTrimmedAvg,
+    Result,
+    Strategy,
+)
+
+from fedpipe.codec import Codec, PayloadError, Update, check_update
+from fedpipe.config import FederationConfig
+from fedpipe.metrics import RoundRecord
+from fedpipe.records import (
+    ARRAYS,
+    CLIENT_ID,
+    INFO,
+    METRICS,
+    NUM_EXAMPLES,
+    decode_records,
+    wire_bytes,
+)
+
+__all__ = ["CodecStrategy", "apply_update", "build_strategy"]
+
+log = logging.getLogger(__name__)
+
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+def build_strategy(cfg: FederationConfig) -> Strategy:
+    """The configured Flower strategy; fedpipe wraps it, never replaces it."""
+    common = {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": cfg.fraction_evaluate,
+        "min_train_nodes": cfg.min_nodes,
+        "min_evaluate_nodes": cfg.min_nodes if cfg.fraction_evaluate > 0 else 0,
+        "min_available_nodes": cfg.min_nodes,
+    }
+    if cfg.strategy == "fedavgm":
+        return FedAvgM(**common, server_momentum=cfg.server_momentum)
+    if cfg.strategy == "fedmedian":
+        return FedMedian(**common)
+    if cfg.strategy == "fedtrimmedavg":
+        return FedTrimmedAvg(**common, beta=cfg.trim_beta)
+    return FedAvg(**common)
+
+
+def apply_update(global_arrays: Update, update: Update) -> ArrayRecord:
+    """global + update, in the global model's dtypes."""
+    out: dict[str, Array] = {}
+    for name, ref in global_arrays.items():
+        if ref.dtype.kind in "iu":  # counters such as BatchNorm's num_batches_tracked
+            new = np.rint(ref + update[name].astype(np.float64)).astype(ref.dtype)
+        else:
+            new = (ref + update[name]).astype(ref.dtype, copy=False)
+        out[name] = Array(np.ascontiguousarray(new))
+    return ArrayRecord(out)
+
+
+def _check_metrics(content: RecordDict) -> MetricRecord:
+    if METRICS not in content.metric_records:
+        raise PayloadError(f"reply has no {METRICS!r} MetricRecord")
+    metrics = content.metric_records[METRICS]
+    weight = metrics.get(NUM_EXAMPLES)
+    if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
+        raise PayloadError(f"{NUM_EXAMPLES}={weight!r} must be a positive number")
+    return metrics
+
+
+@dataclass
+class _Round:
+    """What one round has cost so far."""
+
+    started: float
+    sampled: int = 0
+    replied: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    decode_seconds: float = 0.0
+    train_loss: float | None = None
+    failures: list[str] = field(default_factory=list)
+
+
+class CodecStrategy(Strategy):
+    """Decode, validate and account for replies, then delegate to `inner`."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        codec: Codec,
+        on_round_end: Callable[[RoundRecord], None] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.codec = codec
+        self.on_round_end = on_round_end
+        self._global: Update = {}
+        self._round = _Round(started=time.perf_counter())
+
+    # -- sending ----------------------------------------------------------------------
+
+    def _count_down(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        # Strategies share one RecordDict across all messages of a round: size it once.
+        sizes: dict[int, int] = {}
+        for m in messages:
+            key = id(m.content)
+            if key not in sizes:
+                sizes[key] = wire_bytes(m.content)
+            self._round.bytes_down += sizes[key]
+        return messages
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._round = _Round(started=time.perf_counter())
+        self._global = {k: a.numpy() for k, a in arrays.items()}
+        messages = self._count_down(self.inner.configure_train(server_round, arrays, config, grid))
+        self._round.sampled = len(messages)
+        return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._count_down(self.inner.configure_evaluate(server_round, arrays, config, grid))
+
+    # -- receiving --------------------------------------------------------------------
+
+    def _decode(self, content: RecordDict) -> RecordDict:
+        metrics = _check_metrics(content)
+        update = self.codec.decode(decode_records(content), like=self._global)
+        check_update(update, self._global)
+        return RecordDict({ARRAYS: apply_update(self._global, update), METRICS: metrics})
+
+    def _fail(self, node_id: int, reason: str) -> None:
+        # Ray wraps a client's exception in a full traceback; its last line says why.
+        lines = [ln.strip(" '>") for ln in reason.strip().splitlines() if ln.strip(" '>")]
+        reason = (lines[-1] if lines else reason)[:300]
+        self._round.failures.append(f"node {node_id}: {reason}")
+        log.warning("round reply from node %d dropped: %s", node_id, reason)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted: list[tuple[int, Message]] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self._fail(node, f"client error: {msg.error.reason}")
+                continue
+            self._round.bytes_up += wire_bytes(msg.content)
+            t0 = time.perf_counter()
+            try:
+                decoded = self._decode(msg.content)
+            except PayloadError as exc:
+                self._fail(node, f"bad payload: {exc}")
+                continue
+            finally:
+                self._round.decode_seconds += time.perf_counter() - t0
+            info = msg.content.config_records.get(INFO, ConfigRecord())
+            order = info.get(CLIENT_ID, node)
+            msg.content = decoded
+            accepted.append((int(order), msg))  # type: ignore[call-overload]
+        # Aggregate in client order: float sums then do not depend on arrival order.
+        accepted.sort(key=lambda pair: pair[0])
+        self._round.replied = len(accepted)
+        lost = self._round.sampled - len(accepted) - len(self._round.failures)
+        if lost > 0:
+            self._round.failures.extend(["no reply before the round timeout"] * lost)
+            log.warning("round %d: %d sampled client(s) did not reply in time", server_round, lost)
+        if not accepted:
+            log.warning("round %d: no valid update; the global model is unchanged", server_round)
+            return None, None
+        arrays, metrics = self.inner.aggregate_train(server_round, [m for _, m in accepted])
+        loss = metrics.get("train_loss") if metrics is not None else None
+        if isinstance(loss, int | float):
+            self._round.train_loss = float(loss)
+        return arrays, metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        self._round.bytes_up += sum(wire_bytes(m.content) for m in replies if not m.has_error())
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        log.info("fedpipe codec %r around %s", self.codec.name, type(self.inner).__name__)
+        self.inner.summary()
+
+    # -- the round loop ---------------------------------------------------------------
+
+    def _finish_round(self, server_round: int, central: MetricRecord | None) -> None:
+        r = self._round
+        central = central or MetricRecord()
+        rec = RoundRecord(
+            round=server_round,
+            accuracy=float(central.get("accuracy", math.nan)),  # type: ignore[arg-type]
+            loss=float(central.get("loss", math.nan)),  # type: ignore[arg-type]
+            train_loss=r.train_loss,
+            clients_sampled=r.sampled,
+            clients_replied=r.replied,
+            clients_failed=r.sampled - r.replied,
+            bytes_up=r.bytes_up,
+            bytes_down=r.bytes_down,
+            seconds=time.perf_counter() - r.started,
+            decode_seconds=r.decode_seconds,
+        )
+        if self.on_round_end is not None:
+            self.on_round_end(rec)
+
+    def start(  # noqa: PLR0913 - mirrors Strategy.start
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+    ) -> Result:
+        """Flower's own round loop; centralized evaluation closes each round's record."""
+
+        def evaluate_and_record(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            res = evaluate_fn(server_round, arrays) if evaluate_fn else None
+            if server_round > 0:
+                self._finish_round(server_round, res)
+            return res
+
+        return super().start(
+            grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
+            evaluate_and_record,
+        )
