@@ -48,7 +48,8 @@ RUN_CONFIG_KEY = "fedpipe-config"
 
 
 def encode_records(encoded: Encoded) -> tuple[ArrayRecord, ConfigRecord]:
-    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in encoded.arrays.items()})
+    # asarray, not ascontiguousarray: the latter turns 0-d buffers into shape (1,).
+    arrays = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in encoded.arrays.items()})
     return arrays, ConfigRecord(dict(encoded.meta))
 
 

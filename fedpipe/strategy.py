@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +41,7 @@ from fedpipe.records import (
     wire_bytes,
 )
 
-__all__ = ["CodecStrategy", "apply_update", "build_strategy"]
+__all__ = ["CodecStrategy", "apply_update", "build_strategy", "cast_like"]
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +66,22 @@ def build_strategy(cfg: FederationConfig) -> Strategy:
     return FedAvg(**common)
 
 
+def cast_like(values: Mapping[str, np.ndarray], like: Update) -> ArrayRecord:
+    """`values` as an ArrayRecord in the dtypes of `like` (integer buffers are rounded).
+
+    Flower's weighted mean returns float64 for integer buffers such as BatchNorm's
+    num_batches_tracked; the global model keeps its own dtypes.
+    """
+    out: dict[str, Array] = {}
+    for name, ref in like.items():
+        value = np.rint(values[name]) if ref.dtype.kind in "iu" else values[name]
+        out[name] = Array(np.asarray(value, dtype=ref.dtype, order="C"))
+    return ArrayRecord(out)
+
+
 def apply_update(global_arrays: Update, update: Update) -> ArrayRecord:
     """global + update, in the global model's dtypes."""
-    out: dict[str, Array] = {}
-    for name, ref in global_arrays.items():
-        if ref.dtype.kind in "iu":  # counters such as BatchNorm's num_batches_tracked
-            new = np.rint(ref + update[name].astype(np.float64)).astype(ref.dtype)
-        else:
-            new = (ref + update[name]).astype(ref.dtype, copy=False)
-        out[name] = Array(np.ascontiguousarray(new))
-    return ArrayRecord(out)
+    return cast_like({k: g + update[k] for k, g in global_arrays.items()}, global_arrays)
 
 
 def _check_metrics(content: RecordDict) -> MetricRecord:
@@ -192,6 +198,8 @@ class CodecStrategy(Strategy):
             log.warning("round %d: no valid update; the global model is unchanged", server_round)
             return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, [m for _, m in accepted])
+        if arrays is not None:
+            arrays = cast_like({k: a.numpy() for k, a in arrays.items()}, self._global)
         loss = metrics.get("train_loss") if metrics is not None else None
         if isinstance(loss, int | float):
             self._round.train_loss = float(loss)
@@ -247,7 +255,10 @@ class CodecStrategy(Strategy):
                 self._finish_round(server_round, res)
             return res
 
-        return super().start(
+        result = super().start(
             grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
             evaluate_and_record,
         )
+        if len(result.arrays) == 0:  # Flower leaves it empty if no round aggregated
+            result.arrays = initial_arrays
+        return result

@@ -16,7 +16,7 @@ class Float32Codec:
 
     def encode(self, update: Update, rng: np.random.Generator) -> Encoded:
         del rng  # deterministic; kept for the Codec signature
-        arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in update.items()}
+        arrays = {k: np.asarray(v, dtype=np.float32, order="C") for k, v in update.items()}
         return Encoded(arrays, {"scheme": self.name})
 
     def decode(self, encoded: Encoded, like: Mapping[str, np.ndarray]) -> Update:

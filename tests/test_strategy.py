@@ -1,0 +1,212 @@
+"""CodecStrategy: decoding, validation and accounting around a real Flower FedAvg."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedpipe.codec import Float32Codec
+from fedpipe.config import FederationConfig
+from fedpipe.metrics import RoundRecord
+from fedpipe.records import CLIENT_ID, CODEC, INFO, METRICS, UPDATE, encode_records
+from fedpipe.strategy import CodecStrategy, build_strategy
+
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> Iterator[None]:
+    """Flower's runtime sets who is sending messages; a unit test must do it itself."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None  # type: ignore[assignment]
+
+
+GLOBAL = {"w": np.array([1.0, 2.0], np.float32), "count": np.array(5, np.int64)}
+
+
+class FakeGrid:
+    """Just enough of flwr's Grid for Strategy.start: nodes, and a reply per message."""
+
+    def __init__(self, nodes: list[int], respond: Callable[[Message], Message | None]) -> None:
+        self.nodes, self.respond = nodes, respond
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
+        replies = (self.respond(m) for m in messages)
+        return [r for r in replies if r is not None]
+
+
+def _global_record() -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+
+
+def _content(update: dict[str, np.ndarray], n: float, cid: int) -> RecordDict:
+    arrays, meta = encode_records(Float32Codec().encode(update, np.random.default_rng(0)))
+    return RecordDict({
+        UPDATE: arrays,
+        CODEC: meta,
+        METRICS: MetricRecord({"num-examples": n, "train_loss": float(cid)}),
+        INFO: ConfigRecord({CLIENT_ID: cid}),
+    })
+
+
+def _update(w: list[float], count: float = 1.0) -> dict[str, np.ndarray]:
+    return {"w": np.array(w, np.float32), "count": np.array(count, np.float32)}
+
+
+def _run(respond: Callable[[Message], Message | None], nodes: list[int]) -> tuple[
+    dict[str, np.ndarray], RoundRecord
+]:
+    records: list[RoundRecord] = []
+    strategy = CodecStrategy(
+        FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
+        Float32Codec(),
+        on_round_end=records.append,
+    )
+    result = strategy.start(
+        FakeGrid(nodes, respond), _global_record(), num_rounds=1,
+        evaluate_fn=lambda rnd, arrays: MetricRecord({"accuracy": 0.5, "loss": 1.0}),
+    )
+    return {k: a.numpy() for k, a in result.arrays.items()}, records[0]
+
+
+HONEST = {
+    1: (_update([1.0, 1.0], 1.0), 1),  # node -> (update, num-examples)
+    2: (_update([4.0, -2.0], 2.0), 2),
+}
+
+
+def _honest_reply(msg: Message) -> Message | None:
+    node = msg.metadata.dst_node_id
+    if node not in HONEST:
+        return None
+    update, n = HONEST[node]
+    return Message(_content(update, n, node), reply_to=msg)
+
+
+def _expected_honest() -> dict[str, np.ndarray]:
+    # Hand-computed FedAvg: global + (1*u1 + 2*u2) / 3
+    w = np.array([1.0, 2.0]) + (1 * np.array([1.0, 1.0]) + 2 * np.array([4.0, -2.0])) / 3
+    return {"w": w.astype(np.float32), "count": np.array(5 + round((1 * 1 + 2 * 2) / 3), np.int64)}
+
+
+def test_aggregate_equals_hand_computed_weighted_mean() -> None:
+    arrays, rec = _run(_honest_reply, [1, 2])
+    expected = _expected_honest()
+    np.testing.assert_allclose(arrays["w"], expected["w"], rtol=1e-6)
+    assert arrays["w"].dtype == np.float32
+    assert arrays["count"].dtype == np.int64  # integer buffers keep their dtype
+    assert rec.clients_sampled == 2 and rec.clients_replied == 2 and rec.clients_failed == 0
+    assert rec.train_loss == pytest.approx((1 * 1 + 2 * 2) / 3)
+    assert rec.bytes_up > 2 * 2 * 4 and rec.bytes_down > 0
+    assert rec.accuracy == 0.5 and rec.seconds > 0
+
+
+def _with_metrics(metrics: MetricRecord) -> RecordDict:
+    c = _content(_update([9.0, 9.0]), 1, 3)
+    c[METRICS] = metrics
+    return c
+
+
+def _without(key: str) -> RecordDict:
+    c = _content(_update([9.0, 9.0]), 1, 3)
+    del c[key]
+    return c
+
+
+def _bad_scheme() -> RecordDict:
+    c = _content(_update([9.0, 9.0]), 1, 3)
+    c[CODEC] = ConfigRecord({"scheme": "int3"})
+    return c
+
+
+def _wrong_dtype() -> RecordDict:
+    c = _content(_update([9.0, 9.0]), 1, 3)
+    c[UPDATE] = ArrayRecord({"w": Array(np.array([9, 9], np.int32)),
+                             "count": Array(np.array(0, np.float32))})
+    return c
+
+
+BAD_CONTENT: dict[str, Callable[[], RecordDict]] = {
+    "nan": lambda: _content(_update([np.nan, 0.0]), 1, 3),
+    "inf": lambda: _content(_update([np.inf, 0.0]), 1, 3),
+    "wrong-shape": lambda: _content({"w": np.zeros(3, np.float32),
+                                     "count": np.zeros((), np.float32)}, 1, 3),
+    "missing-key": lambda: _content({"w": np.zeros(2, np.float32)}, 1, 3),
+    "extra-key": lambda: _content({**_update([0.0, 0.0]), "x": np.zeros(1, np.float32)}, 1, 3),
+    "unknown-scheme": _bad_scheme,
+    "wrong-dtype": _wrong_dtype,
+    "no-update": lambda: _without(UPDATE),
+    "no-metrics": lambda: _without(METRICS),
+    "zero-weight": lambda: _with_metrics(MetricRecord({"num-examples": 0})),
+    "nan-weight": lambda: _with_metrics(MetricRecord({"num-examples": float("nan")})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONTENT))
+def test_bad_payload_is_dropped_and_the_round_completes(case: str) -> None:
+    def respond(msg: Message) -> Message | None:
+        if msg.metadata.dst_node_id == 3:
+            return Message(BAD_CONTENT[case](), reply_to=msg)
+        return _honest_reply(msg)
+
+    arrays, rec = _run(respond, [1, 2, 3])
+    np.testing.assert_allclose(arrays["w"], _expected_honest()["w"], rtol=1e-6)
+    assert (rec.clients_sampled, rec.clients_replied, rec.clients_failed) == (3, 2, 1)
+
+
+def test_client_error_and_silent_client_are_counted() -> None:
+    def respond(msg: Message) -> Message | None:
+        node = msg.metadata.dst_node_id
+        if node == 3:
+            return Message(Error(code=0, reason="Traceback...\nRuntimeError: boom"), reply_to=msg)
+        if node == 4:
+            return None  # never answers before the timeout
+        return _honest_reply(msg)
+
+    arrays, rec = _run(respond, [1, 2, 3, 4])
+    np.testing.assert_allclose(arrays["w"], _expected_honest()["w"], rtol=1e-6)
+    assert (rec.clients_sampled, rec.clients_replied, rec.clients_failed) == (4, 2, 2)
+
+
+def test_round_without_valid_updates_keeps_the_model() -> None:
+    arrays, rec = _run(lambda msg: Message(BAD_CONTENT["nan"](), reply_to=msg), [1, 2])
+    np.testing.assert_array_equal(arrays["w"], GLOBAL["w"])
+    assert rec.clients_failed == 2 and rec.train_loss is None
+
+
+def test_aggregation_order_does_not_depend_on_arrival() -> None:
+    def run(order: list[int]) -> np.ndarray:
+        updates = {n: _update(list(np.random.default_rng(n).normal(size=2))) for n in order}
+
+        def respond(msg: Message) -> Message:
+            node = msg.metadata.dst_node_id
+            return Message(_content(updates[node], 1 + node % 3, node), reply_to=msg)
+
+        return _run(respond, order)[0]["w"]
+
+    nodes = list(range(1, 9))
+    assert np.array_equal(run(nodes), run(nodes[::-1]))
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedmedian", "fedtrimmedavg"])
+def test_build_strategy(name: str) -> None:
+    strategy = build_strategy(FederationConfig(strategy=name, min_nodes=3))
+    assert type(strategy).__name__.lower() == name
+    assert strategy.min_available_nodes == 3  # type: ignore[attr-defined]
