@@ -27,6 +27,7 @@ from fedpipe.records import (
     UPDATE,
     config_from_run_config,
     encode_records,
+    record_int,
 )
 from fedpipe.seed import client_seed, round_generator
 from fedpipe.training import evaluate, select_device, train
@@ -59,7 +60,7 @@ def _model(cfg: RunConfig, msg: Message) -> tuple[torch.nn.Module, dict[str, tor
 def _remember(context: Context, server_round: int) -> None:
     """Per-client state that must survive rounds (error feedback will live here too)."""
     state = context.state.config_records.setdefault(STATE, ConfigRecord())
-    state["rounds-trained"] = int(state.get("rounds-trained", 0)) + 1  # type: ignore[call-overload]
+    state["rounds-trained"] = record_int(state, "rounds-trained", 0) + 1
     state["last-round"] = server_round
 
 
@@ -67,23 +68,31 @@ def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     cid = _client_id(context)
     if cid in cfg.simulation.fail_clients:
         raise RuntimeError(f"client {cid}: injected failure (simulation.fail_clients)")
-    server_round = int(msg.content.config_records[CONFIG][SERVER_ROUND])  # type: ignore[call-overload]
+    server_round = record_int(msg.content.config_records[CONFIG], SERVER_ROUND)
     model, global_sd = _model(cfg, msg)
-    result = train(model, _local_data(cfg, cid), cfg.train,
-                   round_generator(cfg.seed, cid, server_round), select_device(cfg.train.device))
+    result = train(
+        model,
+        _local_data(cfg, cid),
+        cfg.train,
+        round_generator(cfg.seed, cid, server_round),
+        select_device(cfg.train.device),
+    )
     # The update, not the weights: what codecs compress and error feedback corrects.
     local_sd = model.state_dict()
-    update = {k: (local_sd[k].detach().float().cpu() - global_sd[k].float()).numpy()
-              for k in global_sd}
+    update = {
+        k: (local_sd[k].detach().float().cpu() - global_sd[k].float()).numpy() for k in global_sd
+    }
     rng = np.random.default_rng([client_seed(cfg.seed, cid), server_round])
     arrays, meta = encode_records(build_codec(cfg.codec).encode(update, rng))
     _remember(context, server_round)
-    content = RecordDict({
-        UPDATE: arrays,
-        CODEC: meta,
-        METRICS: MetricRecord({NUM_EXAMPLES: result.num_examples, "train_loss": result.loss}),
-        INFO: ConfigRecord({CLIENT_ID: cid}),
-    })
+    content = RecordDict(
+        {
+            UPDATE: arrays,
+            CODEC: meta,
+            METRICS: MetricRecord({NUM_EXAMPLES: result.num_examples, "train_loss": result.loss}),
+            INFO: ConfigRecord({CLIENT_ID: cid}),
+        }
+    )
     return Message(content, reply_to=msg)
 
 

@@ -278,9 +278,7 @@ def _build(cls: type[Any], data: Mapping[str, Any], prefix: str = "") -> Any:
         if key not in known:
             where = f"{prefix}.{key}" if prefix else key
             raise ConfigError(f"unknown config key {where!r}; allowed keys: {sorted(known)}")
-    kwargs = {
-        k: _coerce(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in data.items()
-    }
+    kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -356,4 +354,3 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
     return config_from_dict(apply_overrides(data, overrides))
-

@@ -62,9 +62,9 @@ def resnet18_cifar(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """
     from torchvision.models import resnet18
 
-    model = resnet18(num_classes=num_classes)
+    model: nn.Module = resnet18(num_classes=num_classes)
     model.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()  # type: ignore[assignment]
+    model.maxpool = nn.Identity()
     return model
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "config_from_run_config",
     "decode_records",
     "encode_records",
+    "record_int",
     "wire_bytes",
 ]
 
@@ -45,6 +46,14 @@ SERVER_ROUND = "server-round"  # injected by Flower strategies into CONFIG
 CLIENT_ID = "client-id"
 # Key in Flower's run config that carries the whole fedpipe config as TOML.
 RUN_CONFIG_KEY = "fedpipe-config"
+
+
+def record_int(record: ConfigRecord, key: str, default: int | None = None) -> int:
+    """An integer field of a ConfigRecord, or a PayloadError naming it."""
+    value = record.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PayloadError(f"{key}={value!r} must be an integer")
+    return value
 
 
 def encode_records(encoded: Encoded) -> tuple[ArrayRecord, ConfigRecord]:

@@ -12,8 +12,16 @@ from torch import nn
 
 from fedpipe.config import RunConfig, config_to_dict, config_to_toml
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "MODEL_FILE", "PARTITION_FILE", "SUMMARY_FILE",
-           "create_run_dir", "save_model", "write_json"]
+__all__ = [
+    "CONFIG_FILE",
+    "METRICS_FILE",
+    "MODEL_FILE",
+    "PARTITION_FILE",
+    "SUMMARY_FILE",
+    "create_run_dir",
+    "save_model",
+    "write_json",
+]
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -41,8 +49,9 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def save_model(path: Path, model: nn.Module, cfg: RunConfig, input_shape: tuple[int, ...],
-               num_classes: int) -> None:
+def save_model(
+    path: Path, model: nn.Module, cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int
+) -> None:
     """State dict plus everything needed to rebuild the model (config inside, as nanoGPT)."""
     torch.save(
         {

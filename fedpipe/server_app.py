@@ -41,8 +41,9 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, object]:
         return MetricRecord({"accuracy": acc, "loss": loss})
 
     metrics = MetricsLog(run_dir / METRICS_FILE, cfg.federation.rounds)
-    strategy = CodecStrategy(build_strategy(cfg.federation), build_codec(cfg.codec),
-                             on_round_end=metrics.write)
+    strategy = CodecStrategy(
+        build_strategy(cfg.federation), build_codec(cfg.codec), on_round_end=metrics.write
+    )
     result = strategy.start(
         grid,
         ArrayRecord(model.state_dict()),

@@ -45,8 +45,10 @@ def quiet_flower(verbose: bool = False) -> None:
     Flower re-installs its own console handler at INFO on every run, so the filter goes
     on the "flwr" logger itself; warnings and errors (e.g. a failing client) still show.
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.propagate = False  # Flower has its own handler; avoid printing twice
     if not verbose:
@@ -58,8 +60,7 @@ _NOISE = ("DEPRECATED FEATURE", "fraction_evaluate is set to 0.0")
 
 
 def _important(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING and not any(
-        n in str(record.msg) for n in _NOISE)
+    return record.levelno >= logging.WARNING and not any(n in str(record.msg) for n in _NOISE)
 
 
 def log_partition(cfg: RunConfig, run_dir: Path) -> None:
@@ -70,12 +71,17 @@ def log_partition(cfg: RunConfig, run_dir: Path) -> None:
     hists = label_histograms(labels, list(parts), data.num_classes)
     for cid, (idx, hist) in enumerate(zip(parts, hists, strict=True)):
         log.info("client %d: %d examples, labels %s", cid, len(idx), hist)
-    write_json(run_dir / PARTITION_FILE, {
-        "dataset": data.name,
-        "scheme": cfg.partition.scheme,
-        "clients": [{"client": c, "size": len(p), "labels": h}
-                    for c, (p, h) in enumerate(zip(parts, hists, strict=True))],
-    })
+    write_json(
+        run_dir / PARTITION_FILE,
+        {
+            "dataset": data.name,
+            "scheme": cfg.partition.scheme,
+            "clients": [
+                {"client": c, "size": len(p), "labels": h}
+                for c, (p, h) in enumerate(zip(parts, hists, strict=True))
+            ],
+        },
+    )
 
 
 def _backend_config(cfg: RunConfig) -> dict[str, Any]:
@@ -121,4 +127,3 @@ def run_simulation(cfg: RunConfig, run_dir: Path | None = None) -> SimulationRes
         reason = repr(errors[0]) if errors else "the ServerApp stopped before the last round"
         raise RunFailed(f"simulation failed: {reason} (run directory {run_dir})")
     return SimulationResult(run_dir, json.loads(summary_path.read_text()))
-

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -38,6 +39,7 @@ from fedpipe.records import (
     METRICS,
     NUM_EXAMPLES,
     decode_records,
+    record_int,
     wire_bytes,
 )
 
@@ -50,7 +52,7 @@ EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
 def build_strategy(cfg: FederationConfig) -> Strategy:
     """The configured Flower strategy; fedpipe wraps it, never replaces it."""
-    common = {
+    common: dict[str, Any] = {
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": cfg.fraction_evaluate,
         "min_train_nodes": cfg.min_nodes,
@@ -184,9 +186,8 @@ class CodecStrategy(Strategy):
             finally:
                 self._round.decode_seconds += time.perf_counter() - t0
             info = msg.content.config_records.get(INFO, ConfigRecord())
-            order = info.get(CLIENT_ID, node)
             msg.content = decoded
-            accepted.append((int(order), msg))  # type: ignore[call-overload]
+            accepted.append((record_int(info, CLIENT_ID, node), msg))
         # Aggregate in client order: float sums then do not depend on arrival order.
         accepted.sort(key=lambda pair: pair[0])
         self._round.replied = len(accepted)
@@ -256,7 +257,12 @@ class CodecStrategy(Strategy):
             return res
 
         result = super().start(
-            grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
+            grid,
+            initial_arrays,
+            num_rounds,
+            timeout,
+            train_config,
+            evaluate_config,
             evaluate_and_record,
         )
         if len(result.arrays) == 0:  # Flower leaves it empty if no round aggregated

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-PROCESS_PATTERN = "raylet|gcs_server|flower-superlink|flower-supernode|flwr-clientapp|flwr-serverapp"
+PROCESS_PATTERN = (
+    "raylet|gcs_server|flower-superlink|flower-supernode|flwr-clientapp|flwr-serverapp"
+)
 
 
 @pytest.fixture(scope="session")

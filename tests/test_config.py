@@ -24,7 +24,7 @@ def test_defaults_are_valid() -> None:
 def test_partial_nested_override_keeps_siblings(tmp_path: Path) -> None:
     # Prepare
     path = tmp_path / "run.toml"
-    path.write_text('[train]\nlr = 0.2\nbatch_size = 8\n[federation]\nrounds = 4\n')
+    path.write_text("[train]\nlr = 0.2\nbatch_size = 8\n[federation]\nrounds = 4\n")
     # Execute
     cfg = load_config(path, ["train.lr=0.01", "seed=7"])
     # Assert: the overridden key changed, its siblings from the file survived
@@ -35,8 +35,10 @@ def test_partial_nested_override_keeps_siblings(tmp_path: Path) -> None:
 
 
 def test_override_parses_toml_literals() -> None:
-    cfg = load_config(None, ["simulation.fail_clients=[1, 2]", "data.download=true",
-                             "model.name=cnn", "train.lr=1"])
+    cfg = load_config(
+        None,
+        ["simulation.fail_clients=[1, 2]", "data.download=true", "model.name=cnn", "train.lr=1"],
+    )
     assert cfg.simulation.fail_clients == (1, 2)
     assert cfg.data.download is True
     assert cfg.model.name == "cnn"
@@ -85,8 +87,9 @@ def test_missing_or_broken_file(tmp_path: Path) -> None:
 
 
 def test_toml_round_trip() -> None:
-    cfg = config_from_dict({"seed": 3, "simulation": {"fail_clients": [0]},
-                            "partition": {"scheme": "shards"}})
+    cfg = config_from_dict(
+        {"seed": 3, "simulation": {"fail_clients": [0]}, "partition": {"scheme": "shards"}}
+    )
     assert config_from_toml(config_to_toml(cfg)) == cfg
 
 

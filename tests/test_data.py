@@ -32,8 +32,13 @@ def test_missing_cifar_is_a_clear_error(tmp_path: Path) -> None:
 def test_device_shard_from_file(tmp_path: Path) -> None:
     path = tmp_path / "shard.npz"
     rng = np.random.default_rng(0)
-    np.savez(path, x=rng.normal(size=(30, 1, 4, 4)), y=rng.integers(0, 3, 30),
-             x_test=rng.normal(size=(5, 1, 4, 4)), y_test=np.array([0, 1, 2, 2, 1]))
+    np.savez(
+        path,
+        x=rng.normal(size=(30, 1, 4, 4)),
+        y=rng.integers(0, 3, 30),
+        x_test=rng.normal(size=(5, 1, 4, 4)),
+        y_test=np.array([0, 1, 2, 2, 1]),
+    )
     ds = load_dataset(DataConfig(dataset="file", path=str(path)))
     assert len(ds.train) == 30 and len(ds.test) == 5
     assert ds.num_classes == 3 and ds.input_shape == (1, 4, 4)

@@ -7,14 +7,22 @@ import pytest
 from fedpipe.config import RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(ROOT.glob("simulations/*.toml")) + sorted(ROOT.glob("server/*.toml")) \
+CONFIGS = (
+    sorted(ROOT.glob("simulations/*.toml"))
+    + sorted(ROOT.glob("server/*.toml"))
     + sorted(ROOT.glob("clients/*.toml"))
+)
 
 
 def test_every_expected_config_ships() -> None:
     names = {p.stem for p in CONFIGS}
-    assert {"default", "mnist_cnn_iid", "mnist_cnn_dirichlet", "fashion_mnist_cnn",
-            "cifar10_resnet"} <= names
+    assert {
+        "default",
+        "mnist_cnn_iid",
+        "mnist_cnn_dirichlet",
+        "fashion_mnist_cnn",
+        "cifar10_resnet",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

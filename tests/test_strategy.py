@@ -12,7 +12,6 @@ from flwr.app import (
     ConfigRecord,
     Error,
     Message,
-    MessageType,
     MetricRecord,
     RecordDict,
 )
@@ -24,7 +23,6 @@ from fedpipe.config import FederationConfig
 from fedpipe.metrics import RoundRecord
 from fedpipe.records import CLIENT_ID, CODEC, INFO, METRICS, UPDATE, encode_records
 from fedpipe.strategy import CodecStrategy, build_strategy
-
 
 
 @pytest.fixture(autouse=True)
@@ -58,21 +56,23 @@ def _global_record() -> ArrayRecord:
 
 def _content(update: dict[str, np.ndarray], n: float, cid: int) -> RecordDict:
     arrays, meta = encode_records(Float32Codec().encode(update, np.random.default_rng(0)))
-    return RecordDict({
-        UPDATE: arrays,
-        CODEC: meta,
-        METRICS: MetricRecord({"num-examples": n, "train_loss": float(cid)}),
-        INFO: ConfigRecord({CLIENT_ID: cid}),
-    })
+    return RecordDict(
+        {
+            UPDATE: arrays,
+            CODEC: meta,
+            METRICS: MetricRecord({"num-examples": n, "train_loss": float(cid)}),
+            INFO: ConfigRecord({CLIENT_ID: cid}),
+        }
+    )
 
 
 def _update(w: list[float], count: float = 1.0) -> dict[str, np.ndarray]:
     return {"w": np.array(w, np.float32), "count": np.array(count, np.float32)}
 
 
-def _run(respond: Callable[[Message], Message | None], nodes: list[int]) -> tuple[
-    dict[str, np.ndarray], RoundRecord
-]:
+def _run(
+    respond: Callable[[Message], Message | None], nodes: list[int]
+) -> tuple[dict[str, np.ndarray], RoundRecord]:
     records: list[RoundRecord] = []
     strategy = CodecStrategy(
         FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
@@ -80,7 +80,9 @@ def _run(respond: Callable[[Message], Message | None], nodes: list[int]) -> tupl
         on_round_end=records.append,
     )
     result = strategy.start(
-        FakeGrid(nodes, respond), _global_record(), num_rounds=1,
+        FakeGrid(nodes, respond),
+        _global_record(),
+        num_rounds=1,
         evaluate_fn=lambda rnd, arrays: MetricRecord({"accuracy": 0.5, "loss": 1.0}),
     )
     return {k: a.numpy() for k, a in result.arrays.items()}, records[0]
@@ -138,16 +140,18 @@ def _bad_scheme() -> RecordDict:
 
 def _wrong_dtype() -> RecordDict:
     c = _content(_update([9.0, 9.0]), 1, 3)
-    c[UPDATE] = ArrayRecord({"w": Array(np.array([9, 9], np.int32)),
-                             "count": Array(np.array(0, np.float32))})
+    c[UPDATE] = ArrayRecord(
+        {"w": Array(np.array([9, 9], np.int32)), "count": Array(np.array(0, np.float32))}
+    )
     return c
 
 
 BAD_CONTENT: dict[str, Callable[[], RecordDict]] = {
     "nan": lambda: _content(_update([np.nan, 0.0]), 1, 3),
     "inf": lambda: _content(_update([np.inf, 0.0]), 1, 3),
-    "wrong-shape": lambda: _content({"w": np.zeros(3, np.float32),
-                                     "count": np.zeros((), np.float32)}, 1, 3),
+    "wrong-shape": lambda: _content(
+        {"w": np.zeros(3, np.float32), "count": np.zeros((), np.float32)}, 1, 3
+    ),
     "missing-key": lambda: _content({"w": np.zeros(2, np.float32)}, 1, 3),
     "extra-key": lambda: _content({**_update([0.0, 0.0]), "x": np.zeros(1, np.float32)}, 1, 3),
     "unknown-scheme": _bad_scheme,

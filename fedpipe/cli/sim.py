@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from fedpipe.config import ConfigError, load_config
@@ -14,8 +13,12 @@ from fedpipe.simulation import RunFailed, quiet_flower, run_simulation
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedpipe-sim", description=__doc__)
     p.add_argument("--config", help="TOML run config (default: the embedded digits setup)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="override any config key, e.g. federation.rounds=10 train.lr=0.1")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override any config key, e.g. federation.rounds=10 train.lr=0.1",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="show Flower and Ray logs")
     return p
 
@@ -30,9 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedpipe-sim: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     s = result.summary
-    print(f"done: {s['rounds']} rounds, final accuracy {s['final_accuracy']:.4f}, "
-          f"{s['wall_seconds']:.1f} s, up {s['total_bytes_up'] / 1e6:.2f} MB, "
-          f"down {s['total_bytes_down'] / 1e6:.2f} MB -> {result.run_dir}")
+    print(
+        f"done: {s['rounds']} rounds, final accuracy {s['final_accuracy']:.4f}, "
+        f"{s['wall_seconds']:.1f} s, up {s['total_bytes_up'] / 1e6:.2f} MB, "
+        f"down {s['total_bytes_down'] / 1e6:.2f} MB -> {result.run_dir}"
+    )
     return 0
 
 

@@ -1,0 +1,107 @@
+"""End to end: the fedpipe-sim CLI on Flower's simulation engine (Ray), for real."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedpipe.cli.sim import main
+from fedpipe.config import load_config
+from fedpipe.metrics import read_metrics
+from fedpipe.rundir import CONFIG_FILE, METRICS_FILE, MODEL_FILE, PARTITION_FILE, SUMMARY_FILE
+from fedpipe.simulation import run_simulation
+from tests.conftest import flower_processes
+
+TINY = [
+    "partition.num_clients=3",
+    "federation.rounds=2",
+    "model.hidden=16",
+    "train.epochs=1",
+    "federation.fraction_evaluate=1.0",
+]
+FIELDS = {
+    "round",
+    "accuracy",
+    "loss",
+    "train_loss",
+    "clients_sampled",
+    "clients_replied",
+    "clients_failed",
+    "bytes_up",
+    "bytes_down",
+    "seconds",
+}
+
+
+def _only_run_dir(out: Path) -> Path:
+    (run_dir,) = list(out.iterdir())
+    return run_dir
+
+
+def test_cli_runs_two_rounds_counts_a_failing_client_and_leaves_no_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Client 2 raises during training every round: the rounds go on without it.
+    code = main([*TINY, f"output_dir={tmp_path}", "simulation.fail_clients=[2]"])
+    assert code == 0
+    run_dir = _only_run_dir(tmp_path)
+    for name in (CONFIG_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, PARTITION_FILE):
+        assert (run_dir / name).is_file(), name
+
+    rounds = read_metrics(run_dir / METRICS_FILE)
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert set(r) >= FIELDS
+        assert (r["clients_sampled"], r["clients_replied"], r["clients_failed"]) == (3, 2, 1)
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0
+        assert 0.0 <= r["accuracy"] <= 1.0
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    assert summary["rounds"] == 2 and summary["final_accuracy"] == rounds[-1]["accuracy"]
+    assert summary["total_bytes_up"] == sum(r["bytes_up"] for r in rounds)
+
+    assert load_config(run_dir / CONFIG_FILE).simulation.fail_clients == (2,)
+    saved = torch.load(run_dir / MODEL_FILE)
+    assert saved["config"]["model"]["hidden"] == 16 and saved["num_classes"] == 10
+    assert len(json.loads((run_dir / PARTITION_FILE).read_text())["clients"]) == 3
+
+    stdout = capsys.readouterr().out
+    assert "round   2/2" in stdout and "1 failed" in stdout
+    assert flower_processes() == []
+
+
+def test_same_seed_gives_same_metrics(tmp_path: Path) -> None:
+    def run(sub: str, seed: int) -> list[dict[str, float]]:
+        cfg = load_config(None, [*TINY, f"output_dir={tmp_path / sub}", f"seed={seed}"])
+        result = run_simulation(cfg)
+        keep = ("accuracy", "loss", "train_loss", "bytes_up")
+        return [{k: r[k] for k in keep} for r in read_metrics(result.run_dir / METRICS_FILE)]
+
+    first, second, other = run("a", 3), run("b", 3), run("c", 4)
+    assert first == second
+    assert first != other
+    assert flower_processes() == []
+
+
+def test_cli_bad_input_exits_non_zero_with_a_clear_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train.lrr=0.1"]) == 2
+    assert "unknown config key 'train.lrr'" in capsys.readouterr().err
+    assert main(["federation.fraction_train=2"]) == 2
+    assert "federation.fraction_train" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "data.dataset=fashion_mnist",
+                f"data.root={tmp_path}",
+                f"output_dir={tmp_path / 'runs'}",
+            ]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert "not found" in err and str(tmp_path) in err
+    assert not (tmp_path / "runs").exists()  # failed before creating a run directory
