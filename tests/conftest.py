@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROCESS_PATTERN = (
@@ -26,6 +28,14 @@ def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for f in src.glob("*.gz"):
         shutil.copyfile(f, dst / f.name)
     return root
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """Flower's runtime sets who is sending messages; an in-process test must do it itself."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None  # type: ignore[assignment]
 
 
 def flower_processes() -> list[str]:

@@ -66,3 +66,17 @@ def test_real_mnist_offline(mnist_root: Path) -> None:
     assert len(ds.train) == 60_000 and len(ds.test) == 10_000
     assert ds.input_shape == (1, 28, 28)
     assert sorted(np.unique(ds.test.y.numpy()).tolist()) == list(range(10))
+
+
+def test_read_only_root_is_used_through_a_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import SHARED_DATA
+
+    raw = SHARED_DATA / "MNIST" / "raw"
+    if not any(raw.glob("*.gz")) or raw.stat().st_mode & 0o222:
+        pytest.skip("needs the read-only shared MNIST files")
+    monkeypatch.setenv("FEDPIPE_CACHE", str(tmp_path))
+    ds = load_dataset(DataConfig(dataset="mnist", root=str(SHARED_DATA)))
+    assert len(ds.test) == 10_000
+    assert (tmp_path / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()

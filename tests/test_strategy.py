@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pytest
@@ -16,7 +16,6 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedpipe.codec import Float32Codec
 from fedpipe.config import FederationConfig
@@ -24,13 +23,7 @@ from fedpipe.metrics import RoundRecord
 from fedpipe.records import CLIENT_ID, CODEC, INFO, METRICS, UPDATE, encode_records
 from fedpipe.strategy import CodecStrategy, build_strategy
 
-
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    """Flower's runtime sets who is sending messages; a unit test must do it itself."""
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None  # type: ignore[assignment]
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 GLOBAL = {"w": np.array([1.0, 2.0], np.float32), "count": np.array(5, np.int64)}
