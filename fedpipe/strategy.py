@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -106,8 +106,8 @@ class _Round:
     bytes_up: int = 0
     bytes_down: int = 0
     decode_seconds: float = 0.0
+    rejected: int = 0  # replies that arrived but were dropped
     train_loss: float | None = None
-    failures: list[str] = field(default_factory=list)
 
 
 class CodecStrategy(Strategy):
@@ -164,7 +164,7 @@ class CodecStrategy(Strategy):
         # Ray wraps a client's exception in a full traceback; its last line says why.
         lines = [ln.strip(" '>") for ln in reason.strip().splitlines() if ln.strip(" '>")]
         reason = (lines[-1] if lines else reason)[:300]
-        self._round.failures.append(f"node {node_id}: {reason}")
+        self._round.rejected += 1
         log.warning("round reply from node %d dropped: %s", node_id, reason)
 
     def aggregate_train(
@@ -179,21 +179,21 @@ class CodecStrategy(Strategy):
             self._round.bytes_up += wire_bytes(msg.content)
             t0 = time.perf_counter()
             try:
+                info = msg.content.config_records.get(INFO, ConfigRecord())
+                client_id = record_int(info, CLIENT_ID, node)
                 decoded = self._decode(msg.content)
             except PayloadError as exc:
                 self._fail(node, f"bad payload: {exc}")
                 continue
             finally:
                 self._round.decode_seconds += time.perf_counter() - t0
-            info = msg.content.config_records.get(INFO, ConfigRecord())
             msg.content = decoded
-            accepted.append((record_int(info, CLIENT_ID, node), msg))
+            accepted.append((client_id, msg))
         # Aggregate in client order: float sums then do not depend on arrival order.
         accepted.sort(key=lambda pair: pair[0])
         self._round.replied = len(accepted)
-        lost = self._round.sampled - len(accepted) - len(self._round.failures)
+        lost = self._round.sampled - len(accepted) - self._round.rejected
         if lost > 0:
-            self._round.failures.extend(["no reply before the round timeout"] * lost)
             log.warning("round %d: %d sampled client(s) did not reply in time", server_round, lost)
         if not accepted:
             log.warning("round %d: no valid update; the global model is unchanged", server_round)

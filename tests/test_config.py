@@ -96,3 +96,12 @@ def test_toml_round_trip() -> None:
 def test_file_dataset_needs_path() -> None:
     with pytest.raises(ConfigError, match="data.path"):
         load_config(None, ["data.dataset=file"])
+
+
+def test_config_travels_in_flower_run_config() -> None:
+    from fedpipe.records import RUN_CONFIG_KEY, config_from_run_config
+
+    cfg = load_config(None, ["seed=5", "partition.scheme=dirichlet"])
+    assert config_from_run_config({RUN_CONFIG_KEY: config_to_toml(cfg)}) == cfg
+    with pytest.raises(KeyError, match=RUN_CONFIG_KEY):
+        config_from_run_config({})

@@ -139,7 +139,14 @@ def _wrong_dtype() -> RecordDict:
     return c
 
 
+def _bad_client_id() -> RecordDict:
+    c = _content(_update([9.0, 9.0]), 1, 3)
+    c[INFO] = ConfigRecord({CLIENT_ID: "three"})
+    return c
+
+
 BAD_CONTENT: dict[str, Callable[[], RecordDict]] = {
+    "bad-client-id": _bad_client_id,
     "nan": lambda: _content(_update([np.nan, 0.0]), 1, 3),
     "inf": lambda: _content(_update([np.inf, 0.0]), 1, 3),
     "wrong-shape": lambda: _content(
