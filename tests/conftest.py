@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,7 +39,21 @@ def task_identity() -> Iterator[None]:
     TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None  # type: ignore[assignment]
 
 
-def flower_processes() -> list[str]:
-    """Ray/Flower processes currently running (a run must leave none behind)."""
+def flower_processes() -> dict[int, str]:
+    """Ray/Flower processes currently running, by PID."""
     out = subprocess.run(["pgrep", "-fa", PROCESS_PATTERN], capture_output=True, text=True)
-    return [ln for ln in out.stdout.splitlines() if "pgrep" not in ln]
+    procs = (ln.split(" ", 1) for ln in out.stdout.splitlines() if "pgrep" not in ln)
+    return {int(pid): cmd for pid, cmd in procs}
+
+
+@pytest.fixture
+def no_leftover_processes() -> Iterator[None]:
+    """Fail if the test leaves a Ray/Flower process behind that was not running before."""
+    before = set(flower_processes())
+    yield
+    for _ in range(20):  # Ray reaps its workers asynchronously after shutdown
+        left = {p: c for p, c in flower_processes().items() if p not in before}
+        if not left:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"processes left behind: {left}")

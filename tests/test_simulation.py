@@ -13,7 +13,6 @@ from fedpipe.config import load_config
 from fedpipe.metrics import read_metrics
 from fedpipe.rundir import CONFIG_FILE, METRICS_FILE, MODEL_FILE, PARTITION_FILE, SUMMARY_FILE
 from fedpipe.simulation import run_simulation
-from tests.conftest import flower_processes
 
 TINY = [
     "partition.num_clients=3",
@@ -41,6 +40,7 @@ def _only_run_dir(out: Path) -> Path:
     return run_dir
 
 
+@pytest.mark.usefixtures("no_leftover_processes")
 def test_cli_runs_two_rounds_counts_a_failing_client_and_leaves_no_process(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -69,9 +69,9 @@ def test_cli_runs_two_rounds_counts_a_failing_client_and_leaves_no_process(
 
     stdout = capsys.readouterr().out
     assert "round   2/2" in stdout and "1 failed" in stdout
-    assert flower_processes() == []
 
 
+@pytest.mark.usefixtures("no_leftover_processes")
 def test_same_seed_gives_same_metrics(tmp_path: Path) -> None:
     def run(sub: str, seed: int) -> list[dict[str, float]]:
         cfg = load_config(None, [*TINY, f"output_dir={tmp_path / sub}", f"seed={seed}"])
@@ -82,7 +82,6 @@ def test_same_seed_gives_same_metrics(tmp_path: Path) -> None:
     first, second, other = run("a", 3), run("b", 3), run("c", 4)
     assert first == second
     assert first != other
-    assert flower_processes() == []
 
 
 def test_cli_bad_input_exits_non_zero_with_a_clear_message(
