@@ -69,7 +69,7 @@ MODELS = ("mlp", "cnn", "resnet18")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 STRATEGIES = ("fedavg", "fedavgm", "fedmedian", "fedtrimmedavg")
-CODECS = ("float32",)
+CODECS = ("float32", "float16", "int8", "int4", "int2", "sign")
 
 
 @dataclass(frozen=True)
@@ -190,10 +190,15 @@ class CodecConfig:
     """How a client's update is encoded for the uplink."""
 
     SECTION: ClassVar[str] = "codec"
+    # float32 = identity; float16 = cast; int8/int4/int2 = uniform stochastic per chunk;
+    # sign = 1 bit + per-chunk scale.
     scheme: str = "float32"
+    # Coordinates sharing one scale in the quantized schemes.
+    chunk_size: int = 1024
 
     def __post_init__(self) -> None:
         _choice(self.SECTION, "scheme", self.scheme, CODECS)
+        _range(self.SECTION, "chunk_size", self.chunk_size, 8, 1 << 24)
 
 
 @dataclass(frozen=True)

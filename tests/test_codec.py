@@ -2,8 +2,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from fedpipe.codec import Encoded, Float32Codec, PayloadError, build_codec, check_update
+from fedpipe.codec import (
+    CastCodec,
+    Encoded,
+    PayloadError,
+    SignCodec,
+    UniformCodec,
+    build_codec,
+    check_update,
+    pack_bits,
+    packed_size,
+    unpack_bits,
+)
 from fedpipe.config import CodecConfig
 
 
@@ -21,9 +34,13 @@ def test_float32_round_trip_is_exact() -> None:
 def test_float32_rejects_foreign_payloads() -> None:
     like = {"a": np.zeros(2, np.float32)}
     with pytest.raises(PayloadError, match="scheme"):
-        Float32Codec().decode(Encoded({"a": np.zeros(2, np.float32)}, {"scheme": "int8"}), like)
+        CastCodec(np.float32).decode(
+            Encoded({"a": np.zeros(2, np.float32)}, {"scheme": "int8"}), like
+        )
     with pytest.raises(PayloadError, match="dtype"):
-        Float32Codec().decode(Encoded({"a": np.zeros(2, np.int8)}, {"scheme": "float32"}), like)
+        CastCodec(np.float32).decode(
+            Encoded({"a": np.zeros(2, np.int8)}, {"scheme": "float32"}), like
+        )
 
 
 @pytest.mark.parametrize(
@@ -38,3 +55,141 @@ def test_float32_rejects_foreign_payloads() -> None:
 def test_check_update_rejects(update: dict[str, np.ndarray], reason: str) -> None:
     with pytest.raises(PayloadError, match=reason):
         check_update(update, {"a": np.zeros(2, np.float32)})
+
+
+# --- bit packing ------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(bits=st.sampled_from([1, 2, 4, 8]), count=st.integers(0, 3000), seed=st.integers(0, 999))
+def test_bit_packing_round_trips_any_length(bits: int, count: int, seed: int) -> None:
+    codes = np.random.default_rng(seed).integers(0, 1 << bits, count).astype(np.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == np.uint8 and len(packed) == packed_size(count, bits)
+    assert len(packed) == -(-count * bits // 8)  # really bits/8 bytes per code
+    assert np.array_equal(unpack_bits(packed, bits, count), codes)
+
+
+def test_unpack_rejects_a_wrong_length() -> None:
+    with pytest.raises(ValueError, match="expected 2"):
+        unpack_bits(np.zeros(3, np.uint8), 4, 4)
+
+
+# --- quantized codecs -------------------------------------------------------------------
+
+LIKE = {
+    "w": np.zeros((37, 29), np.float32),
+    "b": np.zeros(29, np.float32),
+    "n": np.zeros((), np.float32),
+}  # 1103 values: odd length, partial last chunk
+
+
+def _random_update(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(scale=0.1, size=v.shape).astype(np.float32) for k, v in LIKE.items()}
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_uniform_error_is_below_one_step_per_chunk(bits: int) -> None:
+    codec, update = UniformCodec(bits, chunk=64), _random_update()
+    enc = codec.encode(update, np.random.default_rng(1))
+    dec = codec.decode(enc, LIKE)
+    flat_x = np.concatenate([update[k].ravel() for k in LIKE])
+    flat_y = np.concatenate([dec[k].ravel() for k in LIKE])
+    step = np.repeat(enc.arrays["step"], 64)[: len(flat_x)]
+    assert np.all(np.abs(flat_y - flat_x) <= step * (1 + 1e-5) + 1e-7)
+    assert all(dec[k].shape == LIKE[k].shape for k in LIKE)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_stochastic_rounding_is_unbiased(bits: int) -> None:
+    # Mean of N independent decodes; rounding noise per coordinate has std <= step / 2,
+    # so |mean - x| stays within 6 std / sqrt(N) everywhere (false alarm ~ 1e-9 per value).
+    codec, update, draws = UniformCodec(bits, chunk=128), _random_update(), 2000
+    rng = np.random.default_rng(7)
+    total = {k: np.zeros_like(v) for k, v in LIKE.items()}
+    for _ in range(draws):
+        dec = codec.decode(codec.encode(update, rng), LIKE)
+        for k in total:
+            total[k] += dec[k]
+    step = codec.encode(update, rng).arrays["step"].max()
+    for k in LIKE:
+        assert np.all(np.abs(total[k] / draws - update[k]) <= 6 * (step / 2) / np.sqrt(draws))
+
+
+def test_sign_codec_keeps_signs_and_chunk_mean_magnitude() -> None:
+    codec, update = SignCodec(chunk=100), _random_update()
+    dec = codec.decode(codec.encode(update, np.random.default_rng(0)), LIKE)
+    x = np.concatenate([update[k].ravel() for k in LIKE])
+    y = np.concatenate([dec[k].ravel() for k in LIKE])
+    assert np.array_equal(y >= 0, x >= 0)
+    np.testing.assert_allclose(np.abs(y[:100]), np.abs(x[:100]).mean(), rtol=1e-5)
+    np.testing.assert_allclose(np.abs(y[1100:]), np.abs(x[1100:]).mean(), rtol=1e-5)  # tail
+
+
+def test_encoding_is_deterministic_under_a_seed() -> None:
+    codec, update = UniformCodec(4, 64), _random_update()
+    a = codec.encode(update, np.random.default_rng(3)).arrays["codes"]
+    b = codec.encode(update, np.random.default_rng(3)).arrays["codes"]
+    c = codec.encode(update, np.random.default_rng(4)).arrays["codes"]
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "max_bits"),
+    [
+        ("float32", 32.1),
+        ("float16", 16.1),
+        ("int8", 8.2),
+        ("int4", 4.2),
+        ("int2", 2.2),
+        ("sign", 1.2),
+    ],
+)
+def test_serialized_payload_shrinks_with_the_scheme(scheme: str, max_bits: float) -> None:
+    from flwr.app import RecordDict
+
+    from fedpipe.records import CODEC, UPDATE, encode_records, wire_bytes
+
+    n = 200_000
+    like = {"w": np.zeros(n, np.float32)}
+    codec = build_codec(CodecConfig(scheme=scheme, chunk_size=1024))
+    arrays, meta = encode_records(
+        codec.encode({"w": np.ones(n, np.float32)}, np.random.default_rng(0))
+    )
+    bits_per_param = 8 * wire_bytes(RecordDict({UPDATE: arrays, CODEC: meta})) / n
+    assert bits_per_param <= max_bits
+    assert len(codec.decode(codec.encode(like, np.random.default_rng(0)), like)["w"]) == n
+
+
+def _tamper(enc: Encoded, **changes: object) -> Encoded:
+    arrays = {**enc.arrays, **{k: v for k, v in changes.items() if isinstance(v, np.ndarray)}}
+    meta = {**enc.meta, **{k: v for k, v in changes.items() if not isinstance(v, np.ndarray)}}
+    return Encoded(arrays, meta)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"scheme": "int3"}, "scheme"),
+        ({"chunk": 32}, "chunk"),
+        ({"count": 5}, "count"),
+        ({"codes": np.zeros(3, np.uint8)}, "codes"),
+        ({"step": np.zeros(2, np.float64)}, "step"),
+        ({"step": np.full(18, np.nan, np.float32)}, "NaN"),
+        ({"lo": np.full(18, np.inf, np.float32)}, "NaN or Inf"),
+    ],
+)
+def test_bad_quantized_payload_is_rejected(change: dict[str, object], reason: str) -> None:
+    codec = UniformCodec(4, 64)
+    enc = _tamper(codec.encode(_random_update(), np.random.default_rng(0)), **change)
+    with pytest.raises(PayloadError, match=reason):
+        check_update(codec.decode(enc, LIKE), LIKE)
+
+
+def test_nan_sign_scale_is_rejected() -> None:
+    codec = SignCodec(64)
+    enc = codec.encode(_random_update(), np.random.default_rng(0))
+    enc.arrays["scale"][0] = np.nan
+    with pytest.raises(PayloadError, match="NaN"):
+        check_update(codec.decode(enc, LIKE), LIKE)

@@ -17,7 +17,7 @@ from flwr.app import (
 )
 from flwr.serverapp.strategy import FedAvg
 
-from fedpipe.codec import Float32Codec
+from fedpipe.codec import CastCodec
 from fedpipe.config import FederationConfig
 from fedpipe.metrics import RoundRecord
 from fedpipe.records import CLIENT_ID, CODEC, INFO, METRICS, UPDATE, encode_records
@@ -48,7 +48,7 @@ def _global_record() -> ArrayRecord:
 
 
 def _content(update: dict[str, np.ndarray], n: float, cid: int) -> RecordDict:
-    arrays, meta = encode_records(Float32Codec().encode(update, np.random.default_rng(0)))
+    arrays, meta = encode_records(CastCodec(np.float32).encode(update, np.random.default_rng(0)))
     return RecordDict(
         {
             UPDATE: arrays,
@@ -69,7 +69,7 @@ def _run(
     records: list[RoundRecord] = []
     strategy = CodecStrategy(
         FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
-        Float32Codec(),
+        CastCodec(np.float32),
         on_round_end=records.append,
     )
     result = strategy.start(

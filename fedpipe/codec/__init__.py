@@ -2,22 +2,46 @@
 
 from __future__ import annotations
 
-from fedpipe.codec._base import Codec, Encoded, PayloadError, Update, check_update
-from fedpipe.codec._float32 import Float32Codec
+import numpy as np
+
+from fedpipe.codec._base import (
+    Codec,
+    Encoded,
+    PayloadError,
+    Update,
+    check_update,
+    flatten,
+    unflatten,
+)
+from fedpipe.codec._cast import CastCodec
+from fedpipe.codec._packing import pack_bits, packed_size, unpack_bits
+from fedpipe.codec._quantized import SignCodec, UniformCodec
 from fedpipe.config import CodecConfig
 
 __all__ = [
+    "CastCodec",
     "Codec",
     "Encoded",
-    "Float32Codec",
     "PayloadError",
+    "SignCodec",
+    "UniformCodec",
     "Update",
     "build_codec",
     "check_update",
+    "flatten",
+    "pack_bits",
+    "packed_size",
+    "unflatten",
+    "unpack_bits",
 ]
 
 
 def build_codec(cfg: CodecConfig) -> Codec:
     """The codec named by `cfg.scheme` (config validation guarantees it exists)."""
-    codecs: dict[str, Codec] = {"float32": Float32Codec()}
-    return codecs[cfg.scheme]
+    if cfg.scheme == "float32":
+        return CastCodec(np.float32)
+    if cfg.scheme == "float16":
+        return CastCodec(np.float16)
+    if cfg.scheme == "sign":
+        return SignCodec(cfg.chunk_size)
+    return UniformCodec(int(cfg.scheme.removeprefix("int")), cfg.chunk_size)

@@ -10,11 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["Codec", "Encoded", "PayloadError", "Update", "check_update"]
+__all__ = [
+    "Codec",
+    "Encoded",
+    "PayloadError",
+    "Update",
+    "check_update",
+    "expect_arrays",
+    "expect_meta",
+    "flatten",
+    "unflatten",
+]
 
 # name -> array, in the model's state_dict order
 Update = dict[str, np.ndarray]
@@ -58,3 +68,39 @@ def check_update(update: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray
             raise PayloadError(f"{name}: shape {arr.shape} != model shape {ref.shape}")
         if not np.all(np.isfinite(arr)):
             raise PayloadError(f"{name}: update contains NaN or Inf")
+
+
+def flatten(update: Mapping[str, np.ndarray]) -> np.ndarray:
+    """All arrays of an update as one float32 vector, in key order."""
+    if not update:
+        return np.zeros(0, np.float32)
+    return np.concatenate([np.asarray(v, np.float32).ravel() for v in update.values()])
+
+
+def unflatten(flat: np.ndarray, like: Mapping[str, np.ndarray]) -> Update:
+    """Inverse of `flatten`, shaped like the global model."""
+    out: Update = {}
+    start = 0
+    for name, ref in like.items():
+        out[name] = flat[start : start + ref.size].reshape(ref.shape)
+        start += ref.size
+    return out
+
+
+def expect_meta(encoded: Encoded, key: str, expected: MetaValue) -> None:
+    """A metadata field must equal what the server's own config says."""
+    value = encoded.meta.get(key)
+    if value != expected:
+        raise PayloadError(f"payload {key}={value!r} but the server expects {expected!r}")
+
+
+def expect_arrays(encoded: Encoded, spec: Mapping[str, tuple[np.dtype[Any], int]]) -> None:
+    """The payload holds exactly these 1-d arrays with these dtypes and lengths."""
+    if set(encoded.arrays) != set(spec):
+        raise PayloadError(f"payload arrays {sorted(encoded.arrays)} != {sorted(spec)}")
+    for name, (dtype, length) in spec.items():
+        arr = encoded.arrays[name]
+        if arr.dtype != dtype or arr.ndim != 1 or len(arr) != length:
+            raise PayloadError(
+                f"{name}: got {arr.dtype}{list(arr.shape)}, expected {np.dtype(dtype)}[{length}]"
+            )
