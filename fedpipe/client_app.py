@@ -6,13 +6,15 @@ a deployed app reads it from Flower's run config; both then run the same code.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpipe.codec import build_codec
-from fedpipe.config import RunConfig
+from fedpipe.codec import Update, build_codec, encode_with_feedback
+from fedpipe.config import CodecConfig, RunConfig
 from fedpipe.data import Split, client_shard, load_dataset
 from fedpipe.models import build_model
 from fedpipe.records import (
@@ -20,10 +22,12 @@ from fedpipe.records import (
     CLIENT_ID,
     CODEC,
     CONFIG,
+    ENCODE_SECONDS,
     INFO,
     METRICS,
     NUM_EXAMPLES,
     SERVER_ROUND,
+    TRAIN_SECONDS,
     UPDATE,
     config_from_run_config,
     encode_records,
@@ -35,6 +39,7 @@ from fedpipe.training import evaluate, select_device, train
 __all__ = ["make_client_app"]
 
 STATE = "fedpipe-client"  # ConfigRecord in context.state that survives rounds
+RESIDUAL = "fedpipe-residual"  # ArrayRecord in context.state: error-feedback residual
 
 
 def _client_id(context: Context) -> int:
@@ -57,11 +62,24 @@ def _model(cfg: RunConfig, msg: Message) -> tuple[torch.nn.Module, dict[str, tor
     return model, global_sd
 
 
-def _remember(context: Context, server_round: int) -> None:
-    """Per-client state that must survive rounds (error feedback will live here too)."""
+def load_residual(context: Context, server_round: int, cfg: CodecConfig) -> Update | None:
+    """The error-feedback residual, unless off, absent, or older than max_staleness rounds."""
+    if not cfg.error_feedback or RESIDUAL not in context.state.array_records:
+        return None
+    state = context.state.config_records.get(STATE, ConfigRecord())
+    missed = server_round - record_int(state, "last-round", 0) - 1
+    if missed > cfg.max_staleness:
+        return None
+    return {k: a.numpy() for k, a in context.state.array_records[RESIDUAL].items()}
+
+
+def _remember(context: Context, server_round: int, residual: Update | None) -> None:
+    """Per-client state that must survive rounds: participation and the EF residual."""
     state = context.state.config_records.setdefault(STATE, ConfigRecord())
     state["rounds-trained"] = record_int(state, "rounds-trained", 0) + 1
     state["last-round"] = server_round
+    if residual is not None:
+        context.state[RESIDUAL] = ArrayRecord({k: Array(v) for k, v in residual.items()})
 
 
 def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
@@ -70,6 +88,7 @@ def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         raise RuntimeError(f"client {cid}: injected failure (simulation.fail_clients)")
     server_round = record_int(msg.content.config_records[CONFIG], SERVER_ROUND)
     model, global_sd = _model(cfg, msg)
+    t0 = time.perf_counter()
     result = train(
         model,
         _local_data(cfg, cid),
@@ -77,19 +96,35 @@ def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         round_generator(cfg.seed, cid, server_round),
         select_device(cfg.train.device),
     )
+    t1 = time.perf_counter()
     # The update, not the weights: what codecs compress and error feedback corrects.
     local_sd = model.state_dict()
     update = {
         k: (local_sd[k].detach().float().cpu() - global_sd[k].float()).numpy() for k in global_sd
     }
     rng = np.random.default_rng([client_seed(cfg.seed, cid), server_round])
-    arrays, meta = encode_records(build_codec(cfg.codec).encode(update, rng))
-    _remember(context, server_round)
+    codec = build_codec(cfg.codec)
+    residual = None
+    if cfg.codec.error_feedback:
+        prior = load_residual(context, server_round, cfg.codec)
+        encoded, residual = encode_with_feedback(codec, update, prior, rng)
+    else:
+        encoded = codec.encode(update, rng)
+    arrays, meta = encode_records(encoded)
+    t2 = time.perf_counter()
+    _remember(context, server_round, residual)
     content = RecordDict(
         {
             UPDATE: arrays,
             CODEC: meta,
-            METRICS: MetricRecord({NUM_EXAMPLES: result.num_examples, "train_loss": result.loss}),
+            METRICS: MetricRecord(
+                {
+                    NUM_EXAMPLES: result.num_examples,
+                    "train_loss": result.loss,
+                    TRAIN_SECONDS: t1 - t0,
+                    ENCODE_SECONDS: t2 - t1,  # delta, error feedback, codec, records
+                }
+            ),
             INFO: ConfigRecord({CLIENT_ID: cid}),
         }
     )

@@ -195,10 +195,16 @@ class CodecConfig:
     scheme: str = "float32"
     # Coordinates sharing one scale in the quantized schemes.
     chunk_size: int = 1024
+    # Keep what the codec dropped on the device and add it to the next update.
+    error_feedback: bool = False
+    # Drop the residual if the client missed more than this many rounds: a stale
+    # correction would push the model towards where it was, not where it is.
+    max_staleness: int = 5
 
     def __post_init__(self) -> None:
         _choice(self.SECTION, "scheme", self.scheme, CODECS)
         _range(self.SECTION, "chunk_size", self.chunk_size, 8, 1 << 24)
+        _range(self.SECTION, "max_staleness", self.max_staleness, 0, 1_000_000)
 
 
 @dataclass(frozen=True)

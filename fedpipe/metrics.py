@@ -24,7 +24,11 @@ class RoundRecord:
     bytes_up: int  # serialized reply payloads received this round
     bytes_down: int  # serialized messages sent to clients this round
     seconds: float  # wall time of the round, including centralized evaluation
-    decode_seconds: float
+    # Measured: 8 * serialized training-reply bytes / (replies * model parameters).
+    bits_per_param_up: float | None
+    encode_seconds: float  # summed over the clients aggregated this round
+    decode_seconds: float  # server side, all replies
+    train_seconds: float  # local training, summed over the clients aggregated
 
 
 def _mb(n: int) -> str:
@@ -32,10 +36,12 @@ def _mb(n: int) -> str:
 
 
 def progress_line(rec: RoundRecord, total_rounds: int) -> str:
+    bits = f" ({rec.bits_per_param_up:.2f} bit/param)" if rec.bits_per_param_up else ""
     return (
         f"round {rec.round:>3}/{total_rounds} | acc {rec.accuracy:.4f} | loss {rec.loss:.4f} | "
         f"clients {rec.clients_replied}/{rec.clients_sampled} ok, {rec.clients_failed} failed | "
-        f"up {_mb(rec.bytes_up)} down {_mb(rec.bytes_down)} | {rec.seconds:.1f} s"
+        f"up {_mb(rec.bytes_up)}{bits} down {_mb(rec.bytes_down)} | "
+        f"codec {rec.encode_seconds + rec.decode_seconds:.2f} s | {rec.seconds:.1f} s"
     )
 
 

@@ -20,11 +20,13 @@ __all__ = [
     "ARRAYS",
     "CODEC",
     "CONFIG",
+    "ENCODE_SECONDS",
     "INFO",
     "METRICS",
     "NUM_EXAMPLES",
     "RUN_CONFIG_KEY",
     "SERVER_ROUND",
+    "TRAIN_SECONDS",
     "UPDATE",
     "config_from_run_config",
     "decode_records",
@@ -44,6 +46,8 @@ INFO = "fedpipe"  # ConfigRecord: who sent it (client id)
 NUM_EXAMPLES = "num-examples"  # Flower strategies weight by this
 SERVER_ROUND = "server-round"  # injected by Flower strategies into CONFIG
 CLIENT_ID = "client-id"
+TRAIN_SECONDS = "train-seconds"  # client's local training time (METRICS)
+ENCODE_SECONDS = "encode-seconds"  # client's encode time (METRICS)
 # Key in Flower's run config that carries the whole fedpipe config as TOML.
 RUN_CONFIG_KEY = "fedpipe-config"
 

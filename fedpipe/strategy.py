@@ -35,9 +35,11 @@ from fedpipe.metrics import RoundRecord
 from fedpipe.records import (
     ARRAYS,
     CLIENT_ID,
+    ENCODE_SECONDS,
     INFO,
     METRICS,
     NUM_EXAMPLES,
+    TRAIN_SECONDS,
     decode_records,
     record_int,
     wire_bytes,
@@ -96,6 +98,11 @@ def _check_metrics(content: RecordDict) -> MetricRecord:
     return metrics
 
 
+def _seconds(content: RecordDict, key: str) -> float:
+    value = content.metric_records[METRICS].get(key, 0.0)
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else 0.0
+
+
 @dataclass
 class _Round:
     """What one round has cost so far."""
@@ -107,6 +114,10 @@ class _Round:
     bytes_down: int = 0
     decode_seconds: float = 0.0
     rejected: int = 0  # replies that arrived but were dropped
+    payloads: int = 0  # training replies that arrived with content
+    payload_bytes: int = 0  # their serialized size
+    encode_seconds: float = 0.0  # summed over accepted clients
+    train_seconds: float = 0.0
     train_loss: float | None = None
 
 
@@ -176,7 +187,10 @@ class CodecStrategy(Strategy):
             if msg.has_error():
                 self._fail(node, f"client error: {msg.error.reason}")
                 continue
-            self._round.bytes_up += wire_bytes(msg.content)
+            size = wire_bytes(msg.content)
+            self._round.bytes_up += size
+            self._round.payload_bytes += size
+            self._round.payloads += 1
             t0 = time.perf_counter()
             try:
                 info = msg.content.config_records.get(INFO, ConfigRecord())
@@ -187,6 +201,8 @@ class CodecStrategy(Strategy):
                 continue
             finally:
                 self._round.decode_seconds += time.perf_counter() - t0
+            self._round.encode_seconds += _seconds(decoded, ENCODE_SECONDS)
+            self._round.train_seconds += _seconds(decoded, TRAIN_SECONDS)
             msg.content = decoded
             accepted.append((client_id, msg))
         # Aggregate in client order: float sums then do not depend on arrival order.
@@ -222,6 +238,8 @@ class CodecStrategy(Strategy):
     def _finish_round(self, server_round: int, central: MetricRecord | None) -> None:
         r = self._round
         central = central or MetricRecord()
+        params = sum(int(v.size) for v in self._global.values())
+        bits = 8 * r.payload_bytes / (r.payloads * params) if r.payloads and params else None
         rec = RoundRecord(
             round=server_round,
             accuracy=float(central.get("accuracy", math.nan)),  # type: ignore[arg-type]
@@ -233,7 +251,10 @@ class CodecStrategy(Strategy):
             bytes_up=r.bytes_up,
             bytes_down=r.bytes_down,
             seconds=time.perf_counter() - r.started,
+            bits_per_param_up=bits,
+            encode_seconds=r.encode_seconds,
             decode_seconds=r.decode_seconds,
+            train_seconds=r.train_seconds,
         )
         if self.on_round_end is not None:
             self.on_round_end(rec)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from fedpipe.client_app import STATE, client_evaluate, client_train
+from fedpipe.client_app import RESIDUAL, STATE, client_evaluate, client_train, load_residual
 from fedpipe.config import load_config
 from fedpipe.data import client_shard, load_dataset
 from fedpipe.models import build_model
@@ -69,3 +69,32 @@ def test_evaluate_reports_metrics_on_the_local_shard() -> None:
     m = reply.content.metric_records[METRICS]
     assert 0.0 <= m["eval_accuracy"] <= 1.0 and m["eval_loss"] > 0  # type: ignore[operator]
     assert m["num-examples"] == len(client_shard(CFG.data, CFG.partition, 0, 0))
+
+
+def test_error_feedback_residual_survives_rounds_and_expires_when_stale() -> None:
+    cfg = load_config(
+        None,
+        [
+            "partition.num_clients=4",
+            "model.hidden=8",
+            "codec.scheme=sign",
+            "codec.error_feedback=true",
+            "codec.max_staleness=2",
+        ],
+    )
+    ctx = _context(1)
+    client_train(_instruction(MessageType.TRAIN, 1), ctx, cfg)
+    stored = ctx.state.array_records[RESIDUAL]
+    assert list(stored) == list(_instruction(MessageType.TRAIN, 1).content[ARRAYS].keys())
+    assert any(np.abs(a.numpy()).sum() > 0 for a in stored.values())  # sign drops a lot
+    residual = load_residual(ctx, 2, cfg.codec)
+    assert residual is not None and np.array_equal(residual["1.weight"], stored["1.weight"].numpy())
+    assert load_residual(ctx, 4, cfg.codec) is not None  # missed rounds 2 and 3: allowed
+    assert load_residual(ctx, 5, cfg.codec) is None  # missed 3 > max_staleness=2
+    assert load_residual(ctx, 2, CFG.codec) is None  # feedback off
+
+
+def test_no_residual_is_kept_without_error_feedback() -> None:
+    ctx = _context(0)
+    client_train(_instruction(MessageType.TRAIN, 1), ctx, CFG)
+    assert RESIDUAL not in ctx.state.array_records

@@ -13,6 +13,8 @@ from fedpipe.codec import (
     UniformCodec,
     build_codec,
     check_update,
+    encode_with_feedback,
+    flatten,
     pack_bits,
     packed_size,
     unpack_bits,
@@ -193,3 +195,32 @@ def test_nan_sign_scale_is_rejected() -> None:
     enc.arrays["scale"][0] = np.nan
     with pytest.raises(PayloadError, match="NaN"):
         check_update(codec.decode(enc, LIKE), LIKE)
+
+
+# --- error feedback ---------------------------------------------------------------------
+
+
+def test_error_feedback_residual_arithmetic() -> None:
+    # decoded + new residual == update + old residual, exactly what was owed
+    codec, update = SignCodec(64), _random_update(0)
+    old = _random_update(1)
+    enc, new = encode_with_feedback(codec, update, old, np.random.default_rng(0))
+    dec = codec.decode(enc, LIKE)
+    for k in LIKE:
+        np.testing.assert_allclose(dec[k] + new[k], update[k] + old[k], atol=1e-6)
+
+
+def test_error_feedback_makes_decoded_updates_telescope() -> None:
+    # Over T rounds: sum(decoded) == sum(updates) - final residual, so the error in the
+    # sum stays bounded by one residual instead of growing with T as without feedback.
+    codec, rng, residual = SignCodec(64), np.random.default_rng(0), None
+    owed, got, got_plain = (np.zeros(1103, np.float32) for _ in range(3))
+    for t in range(30):
+        update = _random_update(100 + t)
+        enc, residual = encode_with_feedback(codec, update, residual, rng)
+        owed += flatten(update)
+        got += flatten(codec.decode(enc, LIKE))
+        got_plain += flatten(codec.decode(codec.encode(update, rng), LIKE))
+    assert residual is not None
+    np.testing.assert_allclose(got + flatten(residual), owed, atol=1e-4)
+    assert np.abs(got - owed).mean() < 0.5 * np.abs(got_plain - owed).mean()

@@ -57,6 +57,8 @@ def test_cli_runs_two_rounds_counts_a_failing_client_and_leaves_no_process(
         assert set(r) >= FIELDS
         assert (r["clients_sampled"], r["clients_replied"], r["clients_failed"]) == (3, 2, 1)
         assert r["bytes_up"] > 0 and r["bytes_down"] > 0
+        assert 32 <= r["bits_per_param_up"] < 64  # float32 plus per-message records
+        assert r["train_seconds"] > 0 and r["encode_seconds"] > 0
         assert 0.0 <= r["accuracy"] <= 1.0
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     assert summary["rounds"] == 2 and summary["final_accuracy"] == rounds[-1]["accuracy"]

@@ -20,7 +20,16 @@ from flwr.serverapp.strategy import FedAvg
 from fedpipe.codec import CastCodec
 from fedpipe.config import FederationConfig
 from fedpipe.metrics import RoundRecord
-from fedpipe.records import CLIENT_ID, CODEC, INFO, METRICS, UPDATE, encode_records
+from fedpipe.records import (
+    CLIENT_ID,
+    CODEC,
+    ENCODE_SECONDS,
+    INFO,
+    METRICS,
+    TRAIN_SECONDS,
+    UPDATE,
+    encode_records,
+)
 from fedpipe.strategy import CodecStrategy, build_strategy
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -53,7 +62,14 @@ def _content(update: dict[str, np.ndarray], n: float, cid: int) -> RecordDict:
         {
             UPDATE: arrays,
             CODEC: meta,
-            METRICS: MetricRecord({"num-examples": n, "train_loss": float(cid)}),
+            METRICS: MetricRecord(
+                {
+                    "num-examples": n,
+                    "train_loss": float(cid),
+                    TRAIN_SECONDS: 1.5,
+                    ENCODE_SECONDS: 0.25,
+                }
+            ),
             INFO: ConfigRecord({CLIENT_ID: cid}),
         }
     )
@@ -111,6 +127,8 @@ def test_aggregate_equals_hand_computed_weighted_mean() -> None:
     assert rec.train_loss == pytest.approx((1 * 1 + 2 * 2) / 3)
     assert rec.bytes_up > 2 * 2 * 4 and rec.bytes_down > 0
     assert rec.accuracy == 0.5 and rec.seconds > 0
+    assert rec.bits_per_param_up == pytest.approx(8 * rec.bytes_up / (2 * 3))  # 2 replies, 3 params
+    assert rec.encode_seconds == pytest.approx(2 * 0.25) and rec.train_seconds == pytest.approx(3.0)
 
 
 def _with_metrics(metrics: MetricRecord) -> RecordDict:

@@ -14,6 +14,7 @@ from fedpipe.codec._base import (
     unflatten,
 )
 from fedpipe.codec._cast import CastCodec
+from fedpipe.codec._feedback import encode_with_feedback
 from fedpipe.codec._packing import pack_bits, packed_size, unpack_bits
 from fedpipe.codec._quantized import SignCodec, UniformCodec
 from fedpipe.config import CodecConfig
@@ -28,6 +29,7 @@ __all__ = [
     "Update",
     "build_codec",
     "check_update",
+    "encode_with_feedback",
     "flatten",
     "pack_bits",
     "packed_size",
