@@ -32,6 +32,10 @@ FIELDS = {
     "bytes_up",
     "bytes_down",
     "seconds",
+    "bits_per_param_up",
+    "encode_seconds",
+    "decode_seconds",
+    "train_seconds",
 }
 
 
