@@ -28,8 +28,13 @@ __all__ = ["SignCodec", "UniformCodec"]
 F32, U8 = np.dtype(np.float32), np.dtype(np.uint8)
 
 
-def _count(like: Mapping[str, np.ndarray]) -> int:
-    return sum(int(v.size) for v in like.values())
+def _check_header(encoded: Encoded, scheme: str, chunk: int, like: Mapping[str, np.ndarray]) -> int:
+    """Scheme, chunk and count must match the server's config and model; returns the count."""
+    count = sum(int(v.size) for v in like.values())
+    expect_meta(encoded, "scheme", scheme)
+    expect_meta(encoded, "chunk", chunk)
+    expect_meta(encoded, "count", count)
+    return count
 
 
 class UniformCodec:
@@ -45,10 +50,7 @@ class UniformCodec:
         return Encoded(arrays, {"scheme": self.name, "chunk": self.chunk, "count": len(flat)})
 
     def decode(self, encoded: Encoded, like: Mapping[str, np.ndarray]) -> Update:
-        n = _count(like)
-        expect_meta(encoded, "scheme", self.name)
-        expect_meta(encoded, "chunk", self.chunk)
-        expect_meta(encoded, "count", n)
+        n = _check_header(encoded, self.name, self.chunk, like)
         k = num_chunks(n, self.chunk)
         expect_arrays(
             encoded, {"codes": (U8, packed_size(n, self.bits)), "lo": (F32, k), "step": (F32, k)}
@@ -74,10 +76,7 @@ class SignCodec:
         return Encoded(arrays, {"scheme": self.name, "chunk": self.chunk, "count": len(flat)})
 
     def decode(self, encoded: Encoded, like: Mapping[str, np.ndarray]) -> Update:
-        n = _count(like)
-        expect_meta(encoded, "scheme", self.name)
-        expect_meta(encoded, "chunk", self.chunk)
-        expect_meta(encoded, "count", n)
+        n = _check_header(encoded, self.name, self.chunk, like)
         expect_arrays(
             encoded, {"codes": (U8, packed_size(n, 1)), "scale": (F32, num_chunks(n, self.chunk))}
         )
