@@ -39,8 +39,7 @@ def quantize_uniform(
     """
     levels = (1 << bits) - 1
     c = _chunks(np.asarray(x, np.float32), chunk, "edge")  # (k, chunk)
-    lo = c.min(axis=1, initial=np.inf) if c.size else np.zeros(0, np.float32)
-    hi = c.max(axis=1, initial=-np.inf) if c.size else np.zeros(0, np.float32)
+    lo, hi = c.min(axis=1), c.max(axis=1)  # (k,); an empty input gives k = 0
     step = ((hi - lo) / levels).astype(np.float32)
     safe = np.where(step > 0, step, 1.0)[:, None]
     v = (c - lo[:, None]) / safe  # (k, chunk) in [0, levels]
