@@ -49,6 +49,7 @@ def _measure(config: str, overrides: list[str], scheme: str, ef: bool) -> dict[s
         "scheme": scheme,
         "error_feedback": ef,
         "final_accuracy": rounds[-1]["accuracy"],
+        "accuracy_per_round": [r["accuracy"] for r in rounds],
         "bits_per_param_up": sum(bits) / len(bits) if bits else None,
         "mb_up": sum(r["bytes_up"] for r in rounds) / 1e6,
         "codec_share_of_training": codec / train if train else None,

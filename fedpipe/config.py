@@ -41,7 +41,7 @@ class ConfigError(ValueError):
     """A config key is unknown or its value is out of range; the message names both."""
 
 
-def _choice(section: str, name: str, value: str, allowed: Iterable[str]) -> None:
+def _choice(section: str, name: str, value: object, allowed: Iterable[object]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
         raise ConfigError(f"{section}.{name}={value!r} is not allowed; choose one of {allowed}")
@@ -69,7 +69,8 @@ MODELS = ("mlp", "cnn", "resnet18")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 STRATEGIES = ("fedavg", "fedavgm", "fedmedian", "fedtrimmedavg")
-CODECS = ("float32", "float16", "int8", "int4", "int2", "sign")
+CODECS = ("float32", "float16", "int8", "int4", "int2", "sign", "topk")
+DOWNLINKS = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ class CodecConfig:
 
     SECTION: ClassVar[str] = "codec"
     # float32 = identity; float16 = cast; int8/int4/int2 = uniform stochastic per chunk;
-    # sign = 1 bit + per-chunk scale.
+    # sign = 1 bit + per-chunk scale; topk = largest coordinates only, values quantized.
     scheme: str = "float32"
     # Coordinates sharing one scale in the quantized schemes.
     chunk_size: int = 1024
@@ -200,11 +201,20 @@ class CodecConfig:
     # Drop the residual if the client missed more than this many rounds: a stale
     # correction would push the model towards where it was, not where it is.
     max_staleness: int = 5
+    # topk: fraction of coordinates kept, and bits per kept value (2, 4 or 8).
+    topk: float = 0.01
+    topk_bits: int = 8
+    # Broadcast of the global model: float16 halves the downlink (off by default: the
+    # clients then start from a rounded model; the server's global stays float32).
+    downlink: str = "float32"
 
     def __post_init__(self) -> None:
         _choice(self.SECTION, "scheme", self.scheme, CODECS)
         _range(self.SECTION, "chunk_size", self.chunk_size, 8, 1 << 24)
         _range(self.SECTION, "max_staleness", self.max_staleness, 0, 1_000_000)
+        _range(self.SECTION, "topk", self.topk, 0.0, 1.0, lo_open=True)
+        _choice(self.SECTION, "topk_bits", self.topk_bits, (2, 4, 8))
+        _choice(self.SECTION, "downlink", self.downlink, DOWNLINKS)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,10 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, object]:
 
     metrics = MetricsLog(run_dir / METRICS_FILE, cfg.federation.rounds)
     strategy = CodecStrategy(
-        build_strategy(cfg.federation), build_codec(cfg.codec), on_round_end=metrics.write
+        build_strategy(cfg.federation),
+        build_codec(cfg.codec),
+        on_round_end=metrics.write,
+        downlink=cfg.codec.downlink,
     )
     result = strategy.start(
         grid,

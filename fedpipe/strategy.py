@@ -45,7 +45,7 @@ from fedpipe.records import (
     wire_bytes,
 )
 
-__all__ = ["CodecStrategy", "apply_update", "build_strategy", "cast_like"]
+__all__ = ["CodecStrategy", "apply_update", "build_strategy", "cast_like", "compress_broadcast"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,26 @@ def cast_like(values: Mapping[str, np.ndarray], like: Update) -> ArrayRecord:
 def apply_update(global_arrays: Update, update: Update) -> ArrayRecord:
     """global + update, in the global model's dtypes."""
     return cast_like({k: g + update[k] for k, g in global_arrays.items()}, global_arrays)
+
+
+def compress_broadcast(arrays: ArrayRecord, dtype: str) -> ArrayRecord:
+    """The global model as broadcast: float32 arrays cast to `dtype` where they fit.
+
+    An array with a value beyond the target's range stays float32 rather than become Inf.
+    Integer buffers are untouched. The server keeps its float32 copy; clients send
+    updates relative to what they received, so the rounding never reaches the aggregate.
+    """
+    if dtype == "float32":
+        return arrays
+    target = np.dtype(dtype)
+    limit = float(np.finfo(target).max)
+    out: dict[str, Array] = {}
+    for name, arr in arrays.items():
+        a = arr.numpy()
+        if a.dtype == np.float32 and (a.size == 0 or float(np.abs(a).max()) <= limit):
+            a = a.astype(target)
+        out[name] = Array(np.asarray(a, order="C"))
+    return ArrayRecord(out)
 
 
 def _check_metrics(content: RecordDict) -> MetricRecord:
@@ -129,22 +149,28 @@ class CodecStrategy(Strategy):
         inner: Strategy,
         codec: Codec,
         on_round_end: Callable[[RoundRecord], None] | None = None,
+        downlink: str = "float32",
     ) -> None:
         self.inner = inner
         self.codec = codec
+        self.downlink = downlink
         self.on_round_end = on_round_end
         self._global: Update = {}
         self._round = _Round(started=time.perf_counter())
 
     # -- sending ----------------------------------------------------------------------
 
-    def _count_down(self, messages: Iterable[Message]) -> list[Message]:
+    def _send(self, messages: Iterable[Message]) -> list[Message]:
+        """Compress the broadcast (if configured) and count what goes down."""
         messages = list(messages)
-        # Strategies share one RecordDict across all messages of a round: size it once.
+        # Strategies share one RecordDict across all messages of a round: do it once.
         sizes: dict[int, int] = {}
         for m in messages:
             key = id(m.content)
             if key not in sizes:
+                if ARRAYS in m.content.array_records:
+                    model = m.content.array_records[ARRAYS]
+                    m.content[ARRAYS] = compress_broadcast(model, self.downlink)
                 sizes[key] = wire_bytes(m.content)
             self._round.bytes_down += sizes[key]
         return messages
@@ -154,14 +180,14 @@ class CodecStrategy(Strategy):
     ) -> Iterable[Message]:
         self._round = _Round(started=time.perf_counter())
         self._global = {k: a.numpy() for k, a in arrays.items()}
-        messages = self._count_down(self.inner.configure_train(server_round, arrays, config, grid))
+        messages = self._send(self.inner.configure_train(server_round, arrays, config, grid))
         self._round.sampled = len(messages)
         return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self._count_down(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        return self._send(self.inner.configure_evaluate(server_round, arrays, config, grid))
 
     # -- receiving --------------------------------------------------------------------
 

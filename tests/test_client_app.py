@@ -98,3 +98,16 @@ def test_no_residual_is_kept_without_error_feedback() -> None:
     ctx = _context(0)
     client_train(_instruction(MessageType.TRAIN, 1), ctx, CFG)
     assert RESIDUAL not in ctx.state.array_records
+
+
+def test_client_trains_from_a_float16_broadcast_and_sends_a_float32_update() -> None:
+    from fedpipe.strategy import compress_broadcast
+
+    msg = _instruction(MessageType.TRAIN, 1)
+    msg.content[ARRAYS] = compress_broadcast(msg.content.array_records[ARRAYS], "float16")
+    assert msg.content.array_records[ARRAYS]["1.weight"].numpy().dtype == np.float16
+    update = client_train(msg, _context(1), CFG).content.array_records[UPDATE]
+    for arr in update.values():
+        a = arr.numpy()
+        assert a.dtype == np.float32 and np.all(np.isfinite(a))
+    assert np.abs(update["1.weight"].numpy()).sum() > 0

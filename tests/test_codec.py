@@ -7,9 +7,11 @@ from hypothesis import strategies as st
 
 from fedpipe.codec import (
     CastCodec,
+    Codec,
     Encoded,
     PayloadError,
     SignCodec,
+    TopKCodec,
     UniformCodec,
     build_codec,
     check_update,
@@ -19,6 +21,7 @@ from fedpipe.codec import (
     packed_size,
     unpack_bits,
 )
+from fedpipe.codec._rice import decode_indices, encode_indices, rice_bits
 from fedpipe.config import CodecConfig
 
 
@@ -146,6 +149,7 @@ def test_encoding_is_deterministic_under_a_seed() -> None:
         ("int4", 4.2),
         ("int2", 2.2),
         ("sign", 1.2),
+        ("topk", 0.3),  # 1 % kept: 8-bit value + ~8-bit index each, + record overhead
     ],
 )
 def test_serialized_payload_shrinks_with_the_scheme(scheme: str, max_bits: float) -> None:
@@ -197,6 +201,68 @@ def test_nan_sign_scale_is_rejected() -> None:
         check_update(codec.decode(enc, LIKE), LIKE)
 
 
+# --- top-k sparsification --------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(count=st.integers(1, 5000), data=st.data())
+def test_rice_index_coding_round_trips(count: int, data: st.DataObject) -> None:
+    k = data.draw(st.integers(1, count))
+    idx = np.sort(np.random.default_rng(count + k).choice(count, size=k, replace=False))
+    b = rice_bits(count, k)
+    quotients, remainders = encode_indices(idx, b)
+    assert np.array_equal(decode_indices(quotients, remainders, k, b, count), idx)
+
+
+def test_topk_keeps_the_largest_coordinates_within_one_step() -> None:
+    codec, update = TopKCodec(0.1, 8, 32), _random_update()
+    enc = codec.encode(update, np.random.default_rng(0))
+    x, y = flatten(update), flatten(codec.decode(enc, LIKE))
+    kept = np.flatnonzero(y)
+    assert enc.meta["k"] == 110 and len(kept) <= 110  # a value may round to exactly 0
+    threshold = np.sort(np.abs(x))[-110]
+    assert np.all(np.abs(x[kept]) >= threshold)
+    assert np.all(np.abs(x[np.abs(x) < threshold]) < threshold)
+    assert np.all(np.abs(y - x)[kept] <= enc.arrays["step"].max() * (1 + 1e-5))
+    assert np.array_equal(y[np.abs(x) < threshold], np.zeros(np.sum(np.abs(x) < threshold)))
+
+
+def _topk_payload() -> tuple[TopKCodec, Encoded]:
+    codec = TopKCodec(0.1, 4, 64)
+    return codec, codec.encode(_random_update(), np.random.default_rng(0))
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"k": 7}, "k=7"),
+        ({"bits": 8}, "bits"),
+        ({"quotients": np.zeros(0, np.uint8)}, "index stream holds 0"),
+        ({"quotients": np.zeros(10_000, np.uint8)}, "quotients"),
+        ({"quotients": np.zeros((2, 2), np.uint8)}, "quotients"),
+        ({"remainders": np.zeros(3, np.uint8)}, "remainders"),
+        ({"codes": np.zeros(7, np.uint8)}, "codes"),
+    ],
+)
+def test_bad_topk_payload_is_rejected(change: dict[str, object], reason: str) -> None:
+    codec, enc = _topk_payload()
+    with pytest.raises(PayloadError, match=reason):
+        codec.decode(_tamper(enc, **change), LIKE)
+
+
+def test_topk_rejects_indices_out_of_range_and_trailing_bytes() -> None:
+    codec, enc = _topk_payload()
+    q = enc.arrays["quotients"]
+    # A first gap of 275 * 2**b (b = 2 here) within the stream's size bound: the indices
+    # run past the end of the 1103-value model.
+    bits = np.array([1] * 275 + [0] * 110 + [1] * 7, np.uint8)
+    far = np.packbits(bits, bitorder="little")
+    with pytest.raises(PayloadError, match="out of range|index"):
+        codec.decode(_tamper(enc, quotients=far), LIKE)
+    with pytest.raises(PayloadError, match="trailing"):
+        codec.decode(_tamper(enc, quotients=np.concatenate([q, [255]]).astype(np.uint8)), LIKE)
+
+
 # --- error feedback ---------------------------------------------------------------------
 
 
@@ -210,10 +276,11 @@ def test_error_feedback_residual_arithmetic() -> None:
         np.testing.assert_allclose(dec[k] + new[k], update[k] + old[k], atol=1e-6)
 
 
-def test_error_feedback_makes_decoded_updates_telescope() -> None:
+@pytest.mark.parametrize("codec", [SignCodec(64), TopKCodec(0.05, 4, 64)], ids=["sign", "topk"])
+def test_error_feedback_makes_decoded_updates_telescope(codec: Codec) -> None:
     # Over T rounds: sum(decoded) == sum(updates) - final residual, so the error in the
     # sum stays bounded by one residual instead of growing with T as without feedback.
-    codec, rng, residual = SignCodec(64), np.random.default_rng(0), None
+    rng, residual = np.random.default_rng(0), None
     owed, got, got_plain = (np.zeros(1103, np.float32) for _ in range(3))
     for t in range(30):
         update = _random_update(100 + t)

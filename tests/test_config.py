@@ -65,6 +65,10 @@ def test_apply_overrides_does_not_mutate_input() -> None:
         (["data.download=yes"], ["data.download", "true or false"]),
         (["train=3"], ["train", "table"]),
         (["simulation.fail_clients=[10]"], ["simulation.fail_clients[]", "9"]),
+        (["codec.scheme=int3"], ["codec.scheme", "'int4'", "'topk'"]),
+        (["codec.topk=0"], ["codec.topk", "(0.0, 1.0]"]),
+        (["codec.topk_bits=3"], ["codec.topk_bits", "(2, 4, 8)"]),
+        (["codec.downlink=int8"], ["codec.downlink", "'float16'"]),
         (["train.lr"], ["key=value"]),
     ],
 )

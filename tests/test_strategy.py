@@ -17,7 +17,7 @@ from flwr.app import (
 )
 from flwr.serverapp.strategy import FedAvg
 
-from fedpipe.codec import CastCodec
+from fedpipe.codec import CastCodec, Codec, Encoded, UniformCodec
 from fedpipe.config import FederationConfig
 from fedpipe.metrics import RoundRecord
 from fedpipe.records import (
@@ -30,7 +30,7 @@ from fedpipe.records import (
     UPDATE,
     encode_records,
 )
-from fedpipe.strategy import CodecStrategy, build_strategy
+from fedpipe.strategy import CodecStrategy, build_strategy, compress_broadcast
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -56,8 +56,17 @@ def _global_record() -> ArrayRecord:
     return ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
 
 
-def _content(update: dict[str, np.ndarray], n: float, cid: int) -> RecordDict:
-    arrays, meta = encode_records(CastCodec(np.float32).encode(update, np.random.default_rng(0)))
+FLOAT32 = CastCodec(np.float32)
+
+
+def _content(
+    update: dict[str, np.ndarray], n: float, cid: int, codec: Codec = FLOAT32
+) -> RecordDict:
+    return _wrap(codec.encode(update, np.random.default_rng(0)), n, cid)
+
+
+def _wrap(encoded: Encoded, n: float, cid: int) -> RecordDict:
+    arrays, meta = encode_records(encoded)
     return RecordDict(
         {
             UPDATE: arrays,
@@ -80,13 +89,17 @@ def _update(w: list[float], count: float = 1.0) -> dict[str, np.ndarray]:
 
 
 def _run(
-    respond: Callable[[Message], Message | None], nodes: list[int]
+    respond: Callable[[Message], Message | None],
+    nodes: list[int],
+    codec: Codec = FLOAT32,
+    downlink: str = "float32",
 ) -> tuple[dict[str, np.ndarray], RoundRecord]:
     records: list[RoundRecord] = []
     strategy = CodecStrategy(
         FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
-        CastCodec(np.float32),
+        codec,
         on_round_end=records.append,
+        downlink=downlink,
     )
     result = strategy.start(
         FakeGrid(nodes, respond),
@@ -225,6 +238,60 @@ def test_aggregation_order_does_not_depend_on_arrival() -> None:
 
     nodes = list(range(1, 9))
     assert np.array_equal(run(nodes), run(nodes[::-1]))
+
+
+INT8 = UniformCodec(8, chunk=8)
+
+
+def _int8_payload(**changes: object) -> Encoded:
+    enc = INT8.encode(_update([9.0, 9.0]), np.random.default_rng(0))
+    arrays = {**enc.arrays, **{k: v for k, v in changes.items() if isinstance(v, np.ndarray)}}
+    meta = {**enc.meta, **{k: v for k, v in changes.items() if not isinstance(v, np.ndarray)}}
+    return Encoded(arrays, meta)  # type: ignore[arg-type]
+
+
+BAD_INT8 = {
+    "truncated": _int8_payload(codes=np.zeros(2, np.uint8)),
+    "unknown-scheme": _int8_payload(scheme="int3"),
+    "nan-scale": _int8_payload(step=np.full(1, np.nan, np.float32)),
+    "inf-offset": _int8_payload(lo=np.full(1, np.inf, np.float32)),
+    "count-mismatch": _int8_payload(count=4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INT8))
+def test_bad_quantized_payload_is_dropped_and_the_round_completes(case: str) -> None:
+    def respond(msg: Message) -> Message | None:
+        node = msg.metadata.dst_node_id
+        if node == 3:
+            return Message(_wrap(BAD_INT8[case], 1, 3), reply_to=msg)
+        update, n = HONEST[node]
+        return Message(_content(update, n, node, INT8), reply_to=msg)
+
+    arrays, rec = _run(respond, [1, 2, 3], codec=INT8)
+    # int8 over a chunk spanning 6.0: each value within one step (6/255) of the truth
+    np.testing.assert_allclose(arrays["w"], _expected_honest()["w"], atol=6 / 255)
+    assert (rec.clients_sampled, rec.clients_replied, rec.clients_failed) == (3, 2, 1)
+
+
+def test_float16_downlink_broadcasts_half_precision_and_keeps_a_float32_global() -> None:
+    received: list[dict[str, np.dtype[np.generic]]] = []
+
+    def respond(msg: Message) -> Message | None:
+        broadcast = msg.content.array_records["arrays"]
+        received.append({k: a.numpy().dtype for k, a in broadcast.items()})
+        return _honest_reply(msg)
+
+    arrays, rec = _run(respond, [1, 2], downlink="float16")
+    assert received == [{"w": np.float16, "count": np.int64}] * 2
+    assert arrays["w"].dtype == np.float32  # global + mean update, in the server's float32
+    np.testing.assert_allclose(arrays["w"], _expected_honest()["w"], rtol=1e-6)
+
+
+def test_float16_downlink_keeps_values_beyond_its_range_in_float32() -> None:
+    big = ArrayRecord({"w": Array(np.array([1e6, 1.0], np.float32))})
+    assert compress_broadcast(big, "float16")["w"].numpy().dtype == np.float32
+    assert compress_broadcast(big, "float32") is big
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedmedian", "fedtrimmedavg"])

@@ -17,6 +17,7 @@ from fedpipe.codec._cast import CastCodec
 from fedpipe.codec._feedback import encode_with_feedback
 from fedpipe.codec._packing import pack_bits, packed_size, unpack_bits
 from fedpipe.codec._quantized import SignCodec, UniformCodec
+from fedpipe.codec._sparse import TopKCodec, topk_count
 from fedpipe.config import CodecConfig
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "Encoded",
     "PayloadError",
     "SignCodec",
+    "TopKCodec",
     "UniformCodec",
     "Update",
     "build_codec",
@@ -34,6 +36,7 @@ __all__ = [
     "pack_bits",
     "packed_size",
     "unflatten",
+    "topk_count",
     "unpack_bits",
 ]
 
@@ -46,4 +49,6 @@ def build_codec(cfg: CodecConfig) -> Codec:
         return CastCodec(np.float16)
     if cfg.scheme == "sign":
         return SignCodec(cfg.chunk_size)
+    if cfg.scheme == "topk":
+        return TopKCodec(cfg.topk, cfg.topk_bits, cfg.chunk_size)
     return UniformCodec(int(cfg.scheme.removeprefix("int")), cfg.chunk_size)

@@ -19,6 +19,7 @@ __all__ = [
     "Encoded",
     "PayloadError",
     "Update",
+    "check_header",
     "check_update",
     "expect_arrays",
     "expect_meta",
@@ -104,3 +105,12 @@ def expect_arrays(encoded: Encoded, spec: Mapping[str, tuple[np.dtype[Any], int]
             raise PayloadError(
                 f"{name}: got {arr.dtype}{list(arr.shape)}, expected {np.dtype(dtype)}[{length}]"
             )
+
+
+def check_header(encoded: Encoded, scheme: str, chunk: int, like: Mapping[str, np.ndarray]) -> int:
+    """Scheme, chunk and count must match the server's config and model; returns the count."""
+    count = sum(int(v.size) for v in like.values())
+    expect_meta(encoded, "scheme", scheme)
+    expect_meta(encoded, "chunk", chunk)
+    expect_meta(encoded, "count", count)
+    return count

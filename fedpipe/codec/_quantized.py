@@ -9,8 +9,8 @@ import numpy as np
 from fedpipe.codec._base import (
     Encoded,
     Update,
+    check_header,
     expect_arrays,
-    expect_meta,
     flatten,
     unflatten,
 )
@@ -28,15 +28,6 @@ __all__ = ["SignCodec", "UniformCodec"]
 F32, U8 = np.dtype(np.float32), np.dtype(np.uint8)
 
 
-def _check_header(encoded: Encoded, scheme: str, chunk: int, like: Mapping[str, np.ndarray]) -> int:
-    """Scheme, chunk and count must match the server's config and model; returns the count."""
-    count = sum(int(v.size) for v in like.values())
-    expect_meta(encoded, "scheme", scheme)
-    expect_meta(encoded, "chunk", chunk)
-    expect_meta(encoded, "count", count)
-    return count
-
-
 class UniformCodec:
     """int8 / int4 / int2: per-chunk min and step (float32), stochastic rounding."""
 
@@ -50,7 +41,7 @@ class UniformCodec:
         return Encoded(arrays, {"scheme": self.name, "chunk": self.chunk, "count": len(flat)})
 
     def decode(self, encoded: Encoded, like: Mapping[str, np.ndarray]) -> Update:
-        n = _check_header(encoded, self.name, self.chunk, like)
+        n = check_header(encoded, self.name, self.chunk, like)
         k = num_chunks(n, self.chunk)
         expect_arrays(
             encoded, {"codes": (U8, packed_size(n, self.bits)), "lo": (F32, k), "step": (F32, k)}
@@ -76,7 +67,7 @@ class SignCodec:
         return Encoded(arrays, {"scheme": self.name, "chunk": self.chunk, "count": len(flat)})
 
     def decode(self, encoded: Encoded, like: Mapping[str, np.ndarray]) -> Update:
-        n = _check_header(encoded, self.name, self.chunk, like)
+        n = check_header(encoded, self.name, self.chunk, like)
         expect_arrays(
             encoded, {"codes": (U8, packed_size(n, 1)), "scale": (F32, num_chunks(n, self.chunk))}
         )
