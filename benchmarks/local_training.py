@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| batch | AMP | epoch s | examples/s |\n|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['batch_size']} | {'yes' if r['amp'] else 'no'} | {r['epoch_seconds']:.3f} | {r['examples_per_second']:.0f} |"
+            f"| {r['batch_size']} | {'yes' if r['amp'] else 'no'} | "
+            f"{r['epoch_seconds']:.3f} | {r['examples_per_second']:.0f} |"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

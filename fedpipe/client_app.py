@@ -14,8 +14,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedpipe.codec import Update, build_codec, encode_with_feedback
-from fedpipe.config import CodecConfig, RunConfig
-from fedpipe.data import Split, client_shard, load_dataset
+from fedpipe.config import DEVICE_KEYS, CodecConfig, DataConfig, RunConfig, with_device_settings
+from fedpipe.data import Split, TensorDataset, client_shard, load_dataset
 from fedpipe.models import build_model
 from fedpipe.records import (
     ARRAYS,
@@ -50,12 +50,31 @@ def _client_id(context: Context) -> int:
     raise KeyError("node config has neither 'partition-id' nor 'client-id'")
 
 
-def _local_data(cfg: RunConfig, cid: int) -> Split:
-    return client_shard(cfg.data, cfg.partition, cfg.seed, cid)
+DATA_PATH = "data-path"  # node config: a deployed device's own shard file
 
 
-def _model(cfg: RunConfig, msg: Message) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    ds = load_dataset(cfg.data)
+def _device_data(context: Context) -> TensorDataset | None:
+    """A deployed device's own shard (`fedpipe-client --data`); None in simulation."""
+    path = context.node_config.get(DATA_PATH)
+    return load_dataset(DataConfig(dataset="file", path=str(path))) if path else None
+
+
+def _device_config(cfg: RunConfig, context: Context) -> RunConfig:
+    """The run's config with this device's profile (batch size, device, AMP, threads)."""
+    own = {k: v for k, v in context.node_config.items() if k in DEVICE_KEYS}
+    return with_device_settings(cfg, own) if own else cfg
+
+
+def _local_data(cfg: RunConfig, context: Context, cid: int) -> Split:
+    own = _device_data(context)
+    return own.train if own is not None else client_shard(cfg.data, cfg.partition, cfg.seed, cid)
+
+
+def _model(
+    cfg: RunConfig, context: Context, msg: Message
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    # Shapes come from the device's shard when it has one: it may not hold the dataset.
+    ds = _device_data(context) or load_dataset(cfg.data)
     model = build_model(cfg.model, ds.input_shape, ds.num_classes)
     global_sd = msg.content.array_records[ARRAYS].to_torch_state_dict()
     model.load_state_dict(global_sd)
@@ -87,11 +106,11 @@ def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     if cid in cfg.simulation.fail_clients:
         raise RuntimeError(f"client {cid}: injected failure (simulation.fail_clients)")
     server_round = record_int(msg.content.config_records[CONFIG], SERVER_ROUND)
-    model, global_sd = _model(cfg, msg)
+    model, global_sd = _model(cfg, context, msg)
     t0 = time.perf_counter()
     result = train(
         model,
-        _local_data(cfg, cid),
+        _local_data(cfg, context, cid),
         cfg.train,
         round_generator(cfg.seed, cid, server_round),
         select_device(cfg.train.device),
@@ -134,8 +153,8 @@ def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
 def client_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Federated evaluation of the global model on the client's own shard."""
     cid = _client_id(context)
-    model, _ = _model(cfg, msg)
-    data = _local_data(cfg, cid)
+    model, _ = _model(cfg, context, msg)
+    data = _local_data(cfg, context, cid)
     loss, acc = evaluate(model, data, device=select_device(cfg.train.device))
     metrics = MetricRecord({NUM_EXAMPLES: len(data), "eval_loss": loss, "eval_accuracy": acc})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
@@ -146,7 +165,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     app = ClientApp()
 
     def resolve(context: Context) -> RunConfig:
-        return cfg if cfg is not None else config_from_run_config(dict(context.run_config))
+        run = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
+        return _device_config(run, context)
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:

@@ -34,6 +34,8 @@ __all__ = [
     "config_to_dict",
     "config_to_toml",
     "load_config",
+    "load_profile",
+    "with_device_settings",
 ]
 
 
@@ -171,6 +173,9 @@ class FederationConfig:
     min_nodes: int = 2
     # Seconds the server waits for replies in a round before aggregating what it has.
     round_timeout: float = 600.0
+    # Seconds to wait for min_nodes devices to be connected before a round; then the run
+    # stops with an error instead of waiting forever as Flower's sampler would.
+    wait_for_nodes: float = 300.0
     # Server-side momentum for fedavgm; trimmed fraction for fedtrimmedavg.
     server_momentum: float = 0.9
     trim_beta: float = 0.2
@@ -182,6 +187,7 @@ class FederationConfig:
         _range(self.SECTION, "fraction_evaluate", self.fraction_evaluate, 0.0, 1.0)
         _range(self.SECTION, "min_nodes", self.min_nodes, 1)
         _range(self.SECTION, "round_timeout", self.round_timeout, 0.0, lo_open=True)
+        _range(self.SECTION, "wait_for_nodes", self.wait_for_nodes, 0.0, lo_open=True)
         _range(self.SECTION, "server_momentum", self.server_momentum, 0.0, 1.0)
         _range(self.SECTION, "trim_beta", self.trim_beta, 0.0, 0.5)
 
@@ -361,6 +367,41 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+# What a device may set for itself (its profile, `fedpipe-client` flags); the rest of the
+# config is the run's, decided by the coordinator.
+DEVICE_KEYS = ("train.device", "train.batch_size", "train.amp", "train.threads")
+
+
+def with_device_settings(cfg: RunConfig, settings: Mapping[str, Any]) -> RunConfig:
+    """`cfg` with a device's own settings applied (validated like any other key)."""
+    bad = sorted(set(settings) - set(DEVICE_KEYS))
+    if bad:
+        raise ConfigError(f"device settings {bad} are not allowed; a device may set {DEVICE_KEYS}")
+    data = config_to_dict(cfg)
+    for key, value in settings.items():
+        section, leaf = key.split(".")
+        data[section][leaf] = value
+    return config_from_dict(data)
+
+
+def load_profile(path: str | Path) -> dict[str, Any]:
+    """A device profile TOML (tables of DEVICE_KEYS) as flat ``{"train.batch_size": 256}``."""
+    p = Path(path)
+    try:
+        tables = tomllib.loads(p.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"device profile {str(p)!r} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"device profile {str(p)!r} is not valid TOML: {exc}") from exc
+    flat: dict[str, Any] = {}
+    for section, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"device profile {str(p)!r}: {section!r} must be a table")
+        flat.update({f"{section}.{k}": v for k, v in table.items()})
+    with_device_settings(RunConfig(), flat)  # fail fast, naming the bad key
+    return flat
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:

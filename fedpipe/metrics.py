@@ -60,6 +60,19 @@ class MetricsLog:
             f.write(json.dumps(dataclasses.asdict(rec)) + "\n")
         print(progress_line(rec, self.total_rounds), file=self.stream, flush=True)
 
+    def keep_until(self, last_round: int) -> None:
+        """Resume: keep the records of rounds <= last_round (the checkpoint's), drop the rest.
+
+        A round that was in flight when the run died may have a line but no checkpoint.
+        """
+        kept = (
+            [r for r in read_metrics(self.path) if r["round"] <= last_round]
+            if (self.path.exists())
+            else []
+        )
+        self.records = [RoundRecord(**r) for r in kept]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
     def summary(self, wall_seconds: float) -> dict[str, Any]:
         last = self.records[-1] if self.records else None
         return {

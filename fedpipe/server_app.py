@@ -7,12 +7,14 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedpipe.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_strategy, save_checkpoint
 from fedpipe.codec import build_codec
 from fedpipe.config import RunConfig
 from fedpipe.data import load_dataset
+from fedpipe.grid import BoundedGrid
 from fedpipe.metrics import MetricsLog
 from fedpipe.models import build_model
 from fedpipe.records import config_from_run_config
@@ -26,36 +28,58 @@ __all__ = ["make_server_app", "run_server"]
 log = logging.getLogger(__name__)
 
 
-def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, object]:
-    """Run all rounds on `grid`, writing metrics, the final model and the summary."""
+def run_server(
+    grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False
+) -> dict[str, object]:
+    """Run all rounds on `grid`, writing metrics, checkpoints, the final model and summary.
+
+    With `resume`, continue from the run directory's last checkpoint: the rounds it holds
+    are kept, the round that was in flight is run again.
+    """
     t0 = time.perf_counter()
     set_seed(cfg.seed)
     data = load_dataset(cfg.data)
     if len(data.test) == 0:
         raise ValueError(f"dataset {data.name!r} has no test split for centralized evaluation")
     model = build_model(cfg.model, data.input_shape, data.num_classes)  # seeded init
+    inner = build_strategy(cfg.federation)
+    metrics = MetricsLog(run_dir / METRICS_FILE, cfg.federation.rounds)
+    done = 0
+    if resume:
+        ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
+        model.load_state_dict(
+            ArrayRecord({k: Array(v) for k, v in ckpt.arrays.items()}).to_torch_state_dict()
+        )
+        restore_strategy(inner, ckpt.strategy_state)
+        metrics.keep_until(ckpt.round)
+        done = ckpt.round
+        log.info("resuming %s after round %d of %d", run_dir, done, cfg.federation.rounds)
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, acc = evaluate(model, data.test)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
-    metrics = MetricsLog(run_dir / METRICS_FILE, cfg.federation.rounds)
     strategy = CodecStrategy(
-        build_strategy(cfg.federation),
+        inner,
         build_codec(cfg.codec),
         on_round_end=metrics.write,
         downlink=cfg.codec.downlink,
+        checkpoint=lambda rnd, arrays: save_checkpoint(
+            run_dir / CHECKPOINT_FILE, rnd, arrays, inner
+        ),
+        round_offset=done,
     )
-    result = strategy.start(
-        grid,
-        ArrayRecord(model.state_dict()),
-        num_rounds=cfg.federation.rounds,
-        timeout=cfg.federation.round_timeout,
-        train_config=ConfigRecord(),
-        evaluate_fn=central_evaluate,
-    )
-    model.load_state_dict(result.arrays.to_torch_state_dict())
+    if done < cfg.federation.rounds:
+        result = strategy.start(
+            BoundedGrid(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes),  # type: ignore[arg-type]
+            ArrayRecord(model.state_dict()),
+            num_rounds=cfg.federation.rounds - done,
+            timeout=cfg.federation.round_timeout,
+            train_config=ConfigRecord(),
+            evaluate_fn=central_evaluate,
+        )
+        model.load_state_dict(result.arrays.to_torch_state_dict())
     save_model(run_dir / MODEL_FILE, model, cfg, data.input_shape, data.num_classes)
     summary = metrics.summary(time.perf_counter() - t0)
     write_json(run_dir / SUMMARY_FILE, summary)
@@ -79,7 +103,8 @@ def make_server_app(
         try:
             run_cfg = cfg or config_from_run_config(dict(context.run_config))
             out = run_dir if run_dir is not None else Path(str(context.run_config["run-dir"]))
-            run_server(grid, run_cfg, out)
+            resume = bool(context.run_config.get("resume", False))
+            run_server(grid, run_cfg, out, resume=resume)
         except BaseException as exc:
             if errors is not None:
                 errors.append(exc)

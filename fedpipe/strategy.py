@@ -150,10 +150,16 @@ class CodecStrategy(Strategy):
         codec: Codec,
         on_round_end: Callable[[RoundRecord], None] | None = None,
         downlink: str = "float32",
+        checkpoint: Callable[[int, ArrayRecord], None] | None = None,
+        round_offset: int = 0,
     ) -> None:
         self.inner = inner
         self.codec = codec
         self.downlink = downlink
+        self.checkpoint = checkpoint
+        # Rounds already done before this start() (a resumed run): Flower's loop counts
+        # from 1, clients and records see the run's own round numbers.
+        self.round_offset = round_offset
         self.on_round_end = on_round_end
         self._global: Update = {}
         self._round = _Round(started=time.perf_counter())
@@ -180,6 +186,7 @@ class CodecStrategy(Strategy):
     ) -> Iterable[Message]:
         self._round = _Round(started=time.perf_counter())
         self._global = {k: a.numpy() for k, a in arrays.items()}
+        server_round += self.round_offset
         messages = self._send(self.inner.configure_train(server_round, arrays, config, grid))
         self._round.sampled = len(messages)
         return messages
@@ -187,6 +194,7 @@ class CodecStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         return self._send(self.inner.configure_evaluate(server_round, arrays, config, grid))
 
     # -- receiving --------------------------------------------------------------------
@@ -207,6 +215,7 @@ class CodecStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         accepted: list[tuple[int, Message]] = []
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -253,7 +262,7 @@ class CodecStrategy(Strategy):
     ) -> MetricRecord | None:
         replies = list(replies)
         self._round.bytes_up += sum(wire_bytes(m.content) for m in replies if not m.has_error())
-        return self.inner.aggregate_evaluate(server_round, replies)
+        return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
 
     def summary(self) -> None:
         log.info("fedpipe codec %r around %s", self.codec.name, type(self.inner).__name__)
@@ -297,10 +306,13 @@ class CodecStrategy(Strategy):
     ) -> Result:
         """Flower's own round loop; centralized evaluation closes each round's record."""
 
-        def evaluate_and_record(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        def evaluate_and_record(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            server_round = local_round + self.round_offset
             res = evaluate_fn(server_round, arrays) if evaluate_fn else None
-            if server_round > 0:
+            if local_round > 0:
                 self._finish_round(server_round, res)
+                if self.checkpoint is not None:  # after the metrics line: no gap on resume
+                    self.checkpoint(server_round, arrays)
             return res
 
         result = super().start(

@@ -16,6 +16,7 @@ from fedpipe.data._datasets import (
     search_roots,
 )
 from fedpipe.data._partition import dirichlet, iid, label_histograms, partition, shards
+from fedpipe.data._shardfiles import shard_path, write_shards
 
 __all__ = [
     "DatasetNotFoundError",
@@ -29,7 +30,9 @@ __all__ = [
     "partition",
     "partition_indices",
     "search_roots",
+    "shard_path",
     "shards",
+    "write_shards",
 ]
 
 

@@ -163,7 +163,7 @@ def _load_digits(cfg: DataConfig) -> TensorDataset:
 
 
 def _load_file(cfg: DataConfig) -> TensorDataset:
-    """An .npz with `x`, `y` and optionally `x_test`, `y_test` (a device's own shard)."""
+    """An .npz with `x`, `y`, optionally `x_test`, `y_test`, `num_classes` (a device shard)."""
     path = Path(cfg.path)
     if not path.is_file():
         raise DatasetNotFoundError(
@@ -177,9 +177,11 @@ def _load_file(cfg: DataConfig) -> TensorDataset:
         has_test = "x_test" in npz.files and "y_test" in npz.files
         x_test = np.asarray(npz["x_test"], np.float32) if has_test else x[:0]
         y_test = np.asarray(npz["y_test"], np.int64) if has_test else y[:0]
+        # A shard may lack some labels: its file says how many classes the model has.
+        stored = int(npz["num_classes"]) if "num_classes" in npz.files else 0
     if len(x) != len(y):
         raise ValueError(f"{path}: x has {len(x)} rows but y has {len(y)}")
-    num_classes = int(max(y.max(initial=0), y_test.max(initial=0))) + 1
+    num_classes = max(stored, int(max(y.max(initial=0), y_test.max(initial=0))) + 1)
     return TensorDataset(
         path.stem,
         Split(torch.from_numpy(x), torch.from_numpy(y)),
