@@ -1,0 +1,81 @@
+"""fedpipe <command>: the tools around a run (certificates, device shards, ...).
+
+Each subcommand is a thin layer over a library function a user can also call from Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from fedpipe.config import ConfigError, load_config
+from fedpipe.crypto import write_certs
+from fedpipe.data import (
+    DatasetNotFoundError,
+    label_histograms,
+    load_dataset,
+    partition_indices,
+    write_shards,
+)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _certs(args: argparse.Namespace) -> int:
+    paths = write_certs(Path(args.out), args.hosts, force=args.force)
+    print(f"CA certificate   {paths.ca_cert}  (give this to every device)")
+    print(f"CA private key   {paths.ca_key}  (0600; keep it off the coordinator if you can)")
+    print(f"server cert+key  {paths.server_cert}, {paths.server_key} (0600)")
+    print(f"valid for: {', '.join(args.hosts)}")
+    return 0
+
+
+def _partition(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    paths = write_shards(cfg.data, cfg.partition, cfg.seed, Path(args.out), force=args.force)
+    parts = partition_indices(cfg.data, cfg.partition, cfg.seed)
+    ds = load_dataset(cfg.data)
+    hists = label_histograms(ds.train.y.numpy(), list(parts), ds.num_classes)
+    for path, idx, hist in zip(paths, parts, hists, strict=True):
+        print(f"{path}  {len(idx):>6} examples  labels {hist}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedpipe", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("certs", help="create a CA and a TLS server certificate")
+    c.add_argument("--out", default="certs", help="folder for ca.crt, ca.key, server.*")
+    c.add_argument(
+        "--hosts",
+        nargs="+",
+        default=["127.0.0.1", "localhost"],
+        help="host names and IP addresses devices use to reach the coordinator",
+    )
+    c.add_argument("--force", action="store_true", help="replace existing files")
+    c.set_defaults(handler=_certs)
+
+    s = sub.add_parser("partition", help="write one shard file per device from a dataset")
+    s.add_argument("--config", help="run config naming data and partition")
+    s.add_argument("--out", required=True, help="folder for client-<i>.npz")
+    s.add_argument("--force", action="store_true", help="overwrite existing shard files")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(handler=_partition)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except (ConfigError, DatasetNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"fedpipe {args.command}: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
