@@ -1,0 +1,59 @@
+"""fedpipe-client --superlink HOST:PORT --data SHARD --root-certificates CA: join a run.
+
+Runs a Flower SuperNode for this device with its own data file and device profile; it
+trains whenever the coordinator asks, until stopped (Ctrl-C) or the coordinator is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fedpipe.config import ConfigError
+from fedpipe.deploy.device import DeviceError, DeviceOptions, run_device
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedpipe-client", description=__doc__.splitlines()[0])
+    p.add_argument("--superlink", required=True, help="coordinator address, host:port")
+    p.add_argument("--data", type=Path, required=True, help="this device's shard (.npz)")
+    tls = p.add_mutually_exclusive_group()
+    tls.add_argument("--root-certificates", type=Path, help="the coordinator's CA certificate")
+    tls.add_argument("--insecure", action="store_true", help="no TLS (test networks only)")
+    p.add_argument("--profile", type=Path, help="device profile TOML (see clients/)")
+    p.add_argument("--client-id", type=int, help="default: the id stored in the shard")
+    p.add_argument("--auth-key", type=Path, help="OpenSSH private key registered as a node")
+    p.add_argument("--state-dir", type=Path, help="Flower state folder for this device")
+    p.add_argument("--max-wait", type=float, default=600.0, help="seconds to keep reconnecting")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.insecure:
+        print(
+            "WARNING: --insecure: TLS is OFF; this device's updates cross the network in "
+            "clear text.",
+            file=sys.stderr,
+        )
+    opts = DeviceOptions(
+        superlink=args.superlink,
+        data=args.data,
+        root_certificates=args.root_certificates,
+        insecure=args.insecure,
+        profile=args.profile,
+        client_id=args.client_id,
+        auth_key=args.auth_key,
+        state_dir=args.state_dir,
+        max_wait=args.max_wait,
+    )
+    try:
+        return run_device(opts)
+    except (ConfigError, DeviceError) as exc:
+        print(f"fedpipe-client: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

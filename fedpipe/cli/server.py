@@ -1,0 +1,85 @@
+"""fedpipe-server [--config FILE] [key=value ...] --certs DIR | --insecure: run a coordinator.
+
+Starts a Flower SuperLink (state in <run dir>/flower/superlink.db), submits the fedpipe
+run, prints each round, writes the run directory, and stops everything on exit.
+`--resume RUN_DIR` continues a run that was killed, from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fedpipe.config import ConfigError, load_config
+from fedpipe.data import DatasetNotFoundError
+from fedpipe.deploy.coordinator import CoordinatorOptions, DeployError, run_coordinator
+from fedpipe.simulation import quiet_flower
+
+INSECURE_WARNING = (
+    "WARNING: --insecure: TLS is OFF. Model updates, the global model and device "
+    "credentials cross the network in clear text. Use only on a closed test network."
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedpipe-server", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="TOML run config (default: the embedded digits setup)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    tls = p.add_mutually_exclusive_group()
+    tls.add_argument("--certs", type=Path, help="folder from `fedpipe certs` (TLS)")
+    tls.add_argument("--insecure", action="store_true", help="no TLS (test networks only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=9092)
+    p.add_argument(
+        "--node-keys",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="OpenSSH public keys of the devices allowed in (turns on node authentication)",
+    )
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed run")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    quiet_flower(verbose=args.verbose)
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr)
+    elif args.certs is None:
+        print(
+            "fedpipe-server: error: give --certs DIR (see `fedpipe certs`) or --insecure",
+            file=sys.stderr,
+        )
+        return 2
+    if args.node_keys and args.insecure:
+        print("fedpipe-server: error: node authentication needs TLS", file=sys.stderr)
+        return 2
+    opts = CoordinatorOptions(
+        host=args.host,
+        port=args.port,
+        certs=args.certs,
+        insecure=args.insecure,
+        node_keys=tuple(args.node_keys),
+    )
+    try:
+        cfg = None if args.resume else load_config(args.config, args.overrides)
+        result = run_coordinator(cfg, opts, resume_dir=args.resume)
+    except KeyboardInterrupt:
+        print("fedpipe-server: interrupted; all processes stopped", file=sys.stderr)
+        return 130
+    except (ConfigError, DatasetNotFoundError, DeployError, FileNotFoundError) as exc:
+        print(f"fedpipe-server: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    s = result.summary
+    print(
+        f"done: {s['rounds']} rounds, final accuracy {s['final_accuracy']:.4f}, "
+        f"{s['clients_failed']} client failures -> {result.run_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

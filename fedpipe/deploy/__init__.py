@@ -1,0 +1,1 @@
+"""Deployment on Flower's SuperLink/SuperNode: the coordinator and the device side."""

@@ -1,0 +1,259 @@
+"""`fedpipe-server`: a Flower SuperLink plus the fedpipe run submitted to it, supervised.
+
+The coordinator writes a Flower app folder (a pyproject.toml only, so the installed
+fedpipe is what runs), starts the SuperLink with its state in the run directory,
+submits the run with `flwr run`, prints each round as it lands in metrics.jsonl, and
+stops every process it started when the run ends, fails, or is interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedpipe.config import RunConfig, config_from_toml, config_to_toml
+from fedpipe.deploy.processes import Child, flower_env, wait_for_port
+from fedpipe.metrics import RoundRecord, progress_line, read_metrics
+from fedpipe.records import RUN_CONFIG_KEY
+from fedpipe.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, create_run_dir
+
+__all__ = ["CoordinatorOptions", "CoordinatorResult", "DeployError", "run_coordinator"]
+
+log = logging.getLogger(__name__)
+
+CONNECTION = "fedpipe"  # connection name in FLWR_HOME/config.toml
+APP_NAME = "fedpipe-run"
+STATUS_EVERY = 5.0  # seconds between `flwr ls` calls while a run is going
+
+
+class DeployError(RuntimeError):
+    """The deployment could not start or the run failed; the message says why."""
+
+
+@dataclass(frozen=True)
+class CoordinatorOptions:
+    host: str = "127.0.0.1"  # address the SuperLink binds (0.0.0.0 for real devices)
+    port: int = 9092
+    certs: Path | None = None  # folder from `fedpipe certs`; None only with insecure
+    insecure: bool = False
+    node_keys: tuple[Path, ...] = ()  # OpenSSH public keys of allowed devices
+    start_timeout: float = 60.0
+    # Progress lines go here; tests collect them.
+    echo: Callable[[str], None] = field(default=print)
+
+
+@dataclass(frozen=True)
+class CoordinatorResult:
+    run_dir: Path
+    run_id: int
+    status: str
+    summary: dict[str, Any]
+
+
+def _flwr_home(run_dir: Path) -> Path:
+    return run_dir / "flower"
+
+
+def _write_app(home: Path) -> Path:
+    """A Flower app folder with no Python files: the installed fedpipe is what runs."""
+    app = home / "app"
+    app.mkdir(parents=True, exist_ok=True)
+    (app / "pyproject.toml").write_text(
+        tomli_w.dumps(
+            {
+                "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+                "project": {"name": APP_NAME, "version": "1.0.0", "license": "Apache-2.0"},
+                "tool": {
+                    "flwr": {
+                        "app": {
+                            "publisher": "fedpipe",
+                            "components": {
+                                "serverapp": "fedpipe.apps:server_app",
+                                "clientapp": "fedpipe.apps:client_app",
+                            },
+                            # Flower rejects run-config keys an app does not declare.
+                            "config": {RUN_CONFIG_KEY: "", "run-dir": "", "resume": False},
+                        }
+                    }
+                },
+            }
+        )
+    )
+    return app
+
+
+def _write_connection(home: Path, opts: CoordinatorOptions) -> None:
+    host = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host
+    conn: dict[str, Any] = {"address": f"{host}:{opts.port}"}
+    if opts.insecure:
+        conn["insecure"] = True
+    else:
+        assert opts.certs is not None
+        conn["root-certificates"] = str((opts.certs / "ca.crt").resolve())
+    text = tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}})
+    (home / "config.toml").write_text(text)
+
+
+def _superlink_argv(run_dir: Path, opts: CoordinatorOptions) -> list[str]:
+    argv = [
+        "flower-superlink",
+        "--database",
+        str((_flwr_home(run_dir) / "superlink.db").resolve()),
+        "--isolation",
+        "subprocess",
+        "--disable-runtime-dependency-installation",
+        "--host",
+        opts.host,
+        "--port",
+        str(opts.port),
+    ]
+    if opts.insecure:
+        return [*argv, "--insecure"]
+    if opts.certs is None:
+        raise DeployError("TLS needs --certs DIR (from `fedpipe certs`), or pass --insecure")
+    files = {name: (opts.certs / name).resolve() for name in ("server.crt", "server.key", "ca.crt")}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise DeployError(f"missing certificate files {missing}; create them with `fedpipe certs`")
+    argv += ["--ssl-certfile", str(files["server.crt"]), "--ssl-keyfile", str(files["server.key"])]
+    argv += ["--ssl-ca-certfile", str(files["ca.crt"])]
+    if opts.node_keys:
+        argv.append("--enable-supernode-auth")
+    return argv
+
+
+def _flwr(home: Path, *args: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Run the `flwr` CLI with JSON output; it exits 0 even on errors, so read `success`."""
+    out = subprocess.run(
+        ["flwr", *args, "--format", "json"],
+        env=flower_env(home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    start = out.stdout.find("{")
+    try:
+        reply: dict[str, Any] = json.loads(out.stdout[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        reply = {}
+    if not reply.get("success", False):
+        detail = reply.get("error-message") or (out.stderr or out.stdout).strip()[-800:]
+        raise DeployError(f"flwr {args[0]} failed: {detail}")
+    return reply
+
+
+def _submit(home: Path, app: Path, cfg: RunConfig, run_dir: Path, resume: bool) -> int:
+    run_config = home / "run-config.toml"
+    run_config.write_text(
+        tomli_w.dumps(
+            {
+                RUN_CONFIG_KEY: config_to_toml(cfg),
+                "run-dir": str(run_dir.resolve()),
+                "resume": resume,
+            }
+        )
+    )
+    reply = _flwr(home, "run", str(app), CONNECTION, "--run-config", str(run_config))
+    return int(reply["run-id"])
+
+
+def _status(home: Path, run_id: int) -> tuple[str, str]:
+    reply = _flwr(home, "ls", "--run-id", str(run_id), timeout=30.0)
+    run = reply["runs"][0]
+    return str(run.get("status", "")), str(run.get("status-details", ""))
+
+
+def _register_nodes(home: Path, keys: tuple[Path, ...]) -> None:
+    for key in keys:
+        reply = _flwr(home, "supernode", "register", str(key.resolve()), CONNECTION)
+        log.info("registered device key %s as node %s", key.name, reply.get("node-id"))
+
+
+class _Progress:
+    """Echo each new line of metrics.jsonl as a progress line."""
+
+    def __init__(self, path: Path, total: int, echo: Callable[[str], None]) -> None:
+        self.path, self.total, self.echo, self.seen = path, total, echo, 0
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        records = read_metrics(self.path)
+        for rec in records[self.seen :]:
+            self.echo(progress_line(RoundRecord(**rec), self.total))
+        self.seen = max(self.seen, len(records))
+
+
+def run_coordinator(
+    cfg: RunConfig | None,
+    opts: CoordinatorOptions,
+    resume_dir: Path | None = None,
+) -> CoordinatorResult:
+    """Start the SuperLink, submit the run, follow it to the end, stop everything."""
+    if resume_dir is not None:
+        cfg = config_from_toml((resume_dir / CONFIG_FILE).read_text())
+        run_dir = resume_dir
+    elif cfg is not None:
+        run_dir = create_run_dir(cfg)
+    else:
+        raise ValueError("run_coordinator needs a config or a run directory to resume")
+    home = _flwr_home(run_dir)
+    home.mkdir(parents=True, exist_ok=True)
+    app = _write_app(home)
+    _write_connection(home, opts)
+    superlink = Child(
+        "flower-superlink", _superlink_argv(run_dir, opts), flower_env(home), home / "superlink.log"
+    )
+    try:
+        wait_for_port(
+            "127.0.0.1" if opts.host == "0.0.0.0" else opts.host,
+            opts.port,
+            opts.start_timeout,
+            superlink,
+        )
+        _register_nodes(home, opts.node_keys)
+        run_id = _submit(home, app, cfg, run_dir, resume=resume_dir is not None)
+        opts.echo(
+            f"run {run_id} submitted; devices connect to {opts.host}:{opts.port} -> {run_dir}"
+        )
+        status, details = _follow(home, run_id, run_dir, cfg, superlink, opts.echo)
+    finally:
+        superlink.stop()
+    if status != "finished:completed":
+        raise DeployError(f"run {run_id} ended {status}: {details}\n(see {home / 'superlink.log'})")
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    return CoordinatorResult(run_dir, run_id, status, summary)
+
+
+def _follow(
+    home: Path,
+    run_id: int,
+    run_dir: Path,
+    cfg: RunConfig,
+    superlink: Child,
+    echo: Callable[[str], None],
+) -> tuple[str, str]:
+    """Until the run finishes. `flwr ls` starts a Python process, so it is asked every few
+    seconds, or at once when the ServerApp has written its summary."""
+    progress = _Progress(run_dir / METRICS_FILE, cfg.federation.rounds, echo)
+    next_check = time.monotonic() + STATUS_EVERY
+    while True:
+        progress.poll()
+        if superlink.poll() is not None:
+            raise DeployError(f"SuperLink exited with code {superlink.poll()}:\n{superlink.tail()}")
+        if time.monotonic() >= next_check or (run_dir / SUMMARY_FILE).exists():
+            status, details = _status(home, run_id)
+            if status.startswith("finished"):
+                progress.poll()
+                return status, details
+            next_check = time.monotonic() + STATUS_EVERY
+        time.sleep(0.25)

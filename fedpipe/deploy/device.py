@@ -1,0 +1,142 @@
+"""`fedpipe-client`: a Flower SuperNode on a device, with the device's own data.
+
+Everything is checked before connecting (the data file loads, the profile is valid, the
+CA file exists), so a misconfigured device fails in a second with a message, not after
+a round timeout on the coordinator.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+
+from fedpipe.client_app import DATA_PATH
+from fedpipe.config import ConfigError, DataConfig, load_profile
+from fedpipe.data import load_dataset
+from fedpipe.deploy.processes import Child, flower_env, free_port
+
+__all__ = ["DeviceError", "DeviceOptions", "node_config", "run_device"]
+
+# flower-supernode's exit code for a failed connection (TLS handshake, refused auth, ...)
+FLOWER_CONNECTION_FAILED = 305
+
+
+class DeviceError(RuntimeError):
+    """The device could not join; the message says why."""
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    superlink: str  # host:port of the coordinator
+    data: Path  # the device's shard (.npz)
+    root_certificates: Path | None = None  # the coordinator's CA certificate (pinned)
+    insecure: bool = False
+    profile: Path | None = None
+    client_id: int | None = None  # default: the id stored in the shard file
+    auth_key: Path | None = None  # OpenSSH private key registered on the coordinator
+    state_dir: Path | None = None  # Flower's FLWR_HOME for this device
+    max_wait: float = 600.0  # give up reconnecting after this many seconds
+    echo: Callable[[str], None] = field(default=print)
+
+
+def _client_id(opts: DeviceOptions) -> int:
+    if opts.client_id is not None:
+        return opts.client_id
+    with np.load(opts.data) as npz:
+        if "client_id" not in npz.files:
+            raise DeviceError(f"{opts.data} stores no client id; pass --client-id")
+        return int(npz["client_id"])
+
+
+def node_config(opts: DeviceOptions) -> dict[str, Any]:
+    """What the ClientApp reads from context.node_config on this device."""
+    if not opts.data.is_file():
+        raise DeviceError(f"--data {opts.data}: no such file (write shards with fedpipe partition)")
+    try:
+        ds = load_dataset(DataConfig(dataset="file", path=str(opts.data.resolve())))
+    except (ValueError, OSError) as exc:
+        raise DeviceError(f"--data {opts.data}: {exc}") from exc
+    if len(ds.train) == 0:
+        raise DeviceError(f"--data {opts.data}: the shard holds no training examples")
+    settings = load_profile(opts.profile) if opts.profile else {}
+    return {"client-id": _client_id(opts), DATA_PATH: str(opts.data.resolve()), **settings}
+
+
+def _format(config: dict[str, Any]) -> str:
+    def literal(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            if '"' in v:
+                raise ConfigError(f"node config value {v!r} may not contain a double quote")
+            return f'"{v}"'
+        return str(v)
+
+    return " ".join(f"{k}={literal(v)}" for k, v in config.items())
+
+
+def _argv(opts: DeviceOptions, config: dict[str, Any]) -> list[str]:
+    argv = ["flower-supernode", "--superlink", opts.superlink, "--node-config", _format(config)]
+    # Each SuperNode serves its ClientApp processes on a local port; several devices may
+    # share one machine in tests, so take a free one.
+    argv += ["--port", str(free_port()), "--isolation", "subprocess"]
+    argv += ["--max-wait-time", str(opts.max_wait)]
+    if opts.insecure:
+        argv.append("--insecure")
+    else:
+        if opts.root_certificates is None or not opts.root_certificates.is_file():
+            raise DeviceError(
+                "TLS needs --root-certificates CA.crt (the coordinator's `fedpipe certs` CA); "
+                "--insecure turns TLS off"
+            )
+        argv += ["--root-certificates", str(opts.root_certificates.resolve())]
+    if opts.auth_key is not None:
+        if not opts.auth_key.is_file():
+            raise DeviceError(f"--auth-key {opts.auth_key}: no such file")
+        argv += ["--auth-supernode-private-key", str(opts.auth_key.resolve())]
+    return argv
+
+
+def _explain(code: int, tail: str) -> str:
+    if "CERTIFICATE_VERIFY_FAILED" in tail:
+        return "TLS: the coordinator's certificate is not signed by the given CA (refused)"
+    if "Failed to activate SuperNode" in tail or "must be registered" in tail:
+        return "the coordinator refused this device's key (not registered with it)"
+    if code == FLOWER_CONNECTION_FAILED:
+        return "could not connect to the coordinator"
+    return f"flower-supernode exited with code {code}"
+
+
+def run_device(opts: DeviceOptions) -> int:
+    """Run the SuperNode until it exits or this process is told to stop; its exit code."""
+    config = node_config(opts)
+    argv = _argv(opts, config)
+    state = opts.state_dir or Path.home() / ".cache" / "fedpipe" / f"device-{config['client-id']}"
+    state.mkdir(parents=True, exist_ok=True)
+    node = Child("flower-supernode", argv, flower_env(state), state / "supernode.log")
+    (state / "supernode.pid").write_text(f"{node.pid}\n")  # for operators (and fault tests)
+    opts.echo(f"device {config['client-id']} joining {opts.superlink} (log: {node.log_path})")
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        while (code := node.poll()) is None:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        node.stop()
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        node.stop()
+    if code != 0:
+        raise DeviceError(f"{_explain(code, node.tail(40))}\n--- last lines ---\n{node.tail()}")
+    return 0
