@@ -13,7 +13,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROCESS_PATTERN = (
-    "raylet|gcs_server|flower-superlink|flower-supernode|flwr-clientapp|flwr-serverapp"
+    "raylet|gcs_server|flower-superlink|flower-supernode|flower-superexec|flwr-clientapp"
+    "|flwr-serverapp"
 )
 
 

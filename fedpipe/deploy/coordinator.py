@@ -47,7 +47,7 @@ class CoordinatorOptions:
     node_keys: tuple[Path, ...] = ()  # OpenSSH public keys of allowed devices
     start_timeout: float = 60.0
     # Progress lines go here; tests collect them.
-    echo: Callable[[str], None] = field(default=print)
+    echo: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
 
 
 @dataclass(frozen=True)
@@ -213,6 +213,7 @@ def run_coordinator(
     superlink = Child(
         "flower-superlink", _superlink_argv(run_dir, opts), flower_env(home), home / "superlink.log"
     )
+    (home / "superlink.pid").write_text(f"{superlink.pid}\n")  # for operators and fault tests
     try:
         wait_for_port(
             "127.0.0.1" if opts.host == "0.0.0.0" else opts.host,

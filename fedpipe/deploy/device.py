@@ -43,7 +43,7 @@ class DeviceOptions:
     auth_key: Path | None = None  # OpenSSH private key registered on the coordinator
     state_dir: Path | None = None  # Flower's FLWR_HOME for this device
     max_wait: float = 600.0  # give up reconnecting after this many seconds
-    echo: Callable[[str], None] = field(default=print)
+    echo: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
 
 
 def _client_id(opts: DeviceOptions) -> int:

@@ -1,0 +1,159 @@
+"""End to end on 127.0.0.1 with real processes: fedpipe-server, fedpipe-client, TLS, faults."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedpipe.crypto import write_certs
+from fedpipe.deploy.processes import free_port
+from fedpipe.metrics import read_metrics
+from fedpipe.rundir import METRICS_FILE
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_processes")]
+
+SERVER_ARGS = ["model.hidden=16", "federation.wait_for_nodes=120"]
+
+
+class Deployment:
+    """One coordinator and its devices, all real processes; everything is killed at the end."""
+
+    def __init__(self, root: Path, clients: int) -> None:
+        self.root, self.port = root, free_port()
+        self.certs = write_certs(root / "certs", ["127.0.0.1", "localhost"])
+        self.shards = root / "shards"
+        self.common = [f"partition.num_clients={clients}", f"output_dir='{root / 'runs'}'"]
+        self._run_cli("fedpipe.cli.main", "partition", "--out", str(self.shards), *self.common)
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def _run_cli(self, module: str, *args: str) -> None:
+        subprocess.run([sys.executable, "-m", module, *args], check=True, capture_output=True)
+
+    def _spawn(self, module: str, *args: str, log: str) -> subprocess.Popen[str]:
+        out = (self.root / log).open("w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT, text=True
+        )
+        self.procs.append(proc)
+        return proc
+
+    def server(self, *args: str, log: str = "server.log") -> subprocess.Popen[str]:
+        tls = ["--certs", str(self.certs.folder), "--port", str(self.port)]
+        return self._spawn("fedpipe.cli.server", *tls, *args, log=log)
+
+    def client(self, i: int, ca: Path | None = None, log: str = "") -> subprocess.Popen[str]:
+        return self._spawn(
+            "fedpipe.cli.client",
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--root-certificates",
+            str(ca or self.certs.ca_cert),
+            "--data",
+            str(self.shards / f"client-{i}.npz"),
+            "--state-dir",
+            str(self.root / f"device-{i}"),
+            "--max-wait",
+            "120",
+            log=log or f"client-{i}.log",
+        )
+
+    def run_dir(self) -> Path:
+        return next((self.root / "runs").iterdir())
+
+    def rounds_done(self) -> int:
+        dirs = list((self.root / "runs").glob("*"))
+        path = dirs[0] / METRICS_FILE if dirs else None
+        return len(read_metrics(path)) if path and path.exists() else 0
+
+    def wait_rounds(self, n: int, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while self.rounds_done() < n:
+            if time.monotonic() > deadline:
+                pytest.fail(f"round {n} not reached in {timeout} s:\n{self.log('server.log')}")
+            time.sleep(0.2)
+
+    def log(self, name: str) -> str:
+        return (self.root / name).read_text()
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        # Whatever a killed parent could not stop (a SuperLink, a SuperNode) goes too.
+        for pid_file in self.root.glob("**/*.pid"):
+            with contextlib.suppress(ProcessLookupError):
+                _kill_group(pid_file)
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    d = Deployment(tmp_path, clients=request.param)
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def _kill_group(pid_file: Path) -> None:
+    os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("deployment", [3], indirect=True)
+def test_tls_coordinator_and_three_devices_complete_a_run(deployment: Deployment) -> None:
+    d = deployment
+    server = d.server("federation.rounds=2", "federation.min_nodes=3", *SERVER_ARGS, *d.common)
+    clients = [d.client(i) for i in range(3)]
+    # A device holding another CA's certificate is refused at the TLS handshake.
+    other = write_certs(d.root / "other-ca", ["127.0.0.1"])
+    rogue = d.client(0, ca=other.ca_cert, log="rogue.log")
+    assert rogue.wait(120) == 1
+    assert "not signed by the given CA" in d.log("rogue.log")
+
+    assert server.wait(300) == 0, d.log("server.log")
+    run = d.run_dir()
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "model.pt", "checkpoint.npz"):
+        assert (run / name).is_file(), name
+    rounds = read_metrics(run / METRICS_FILE)
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["clients_replied"] == 3 and r["clients_failed"] == 0 for r in rounds)
+    assert rounds[-1]["accuracy"] > 0.5
+    assert "round   2/2" in d.log("server.log")
+    assert all(c.poll() is None for c in clients)  # devices stay up for the next run
+
+
+@pytest.mark.parametrize("deployment", [3], indirect=True)
+def test_dead_device_is_counted_and_killed_coordinator_resumes(deployment: Deployment) -> None:
+    d = deployment
+    args = ["federation.rounds=4", "federation.min_nodes=2", "federation.round_timeout=20"]
+    server = d.server(*args, *SERVER_ARGS, *d.common)
+    clients = [d.client(i) for i in range(3)]
+
+    d.wait_rounds(1)  # round 2 is now in flight: kill device 2 (SuperNode and all)
+    _kill_group(d.root / "device-2" / "supernode.pid")
+    clients[2].kill()
+    d.wait_rounds(2)  # then the coordinator, SuperLink and ServerApp included
+    server.kill()
+    _kill_group(d.run_dir() / "flower" / "superlink.pid")
+    done_before = d.rounds_done()
+
+    resumed = d.server("--resume", str(d.run_dir()), log="resume.log")
+    assert resumed.wait(300) == 0, d.log("resume.log")
+    rounds = read_metrics(d.run_dir() / METRICS_FILE)
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]  # no gap: the round in flight re-ran
+    assert done_before >= 2
+    assert rounds[1]["clients_failed"] >= 1  # the dead device, after the round timeout
+    assert all(r["clients_replied"] >= 2 for r in rounds)
+    assert all(c.poll() is None for c in clients[:2])
