@@ -176,6 +176,8 @@ class FederationConfig:
     # Seconds to wait for min_nodes devices to be connected before a round; then the run
     # stops with an error instead of waiting forever as Flower's sampler would.
     wait_for_nodes: float = 300.0
+    # Seconds between checks for replies (Flower's deployment Grid: a fixed 3 s).
+    poll_interval: float = 0.1
     # Server-side momentum for fedavgm; trimmed fraction for fedtrimmedavg.
     server_momentum: float = 0.9
     trim_beta: float = 0.2
@@ -188,6 +190,7 @@ class FederationConfig:
         _range(self.SECTION, "min_nodes", self.min_nodes, 1)
         _range(self.SECTION, "round_timeout", self.round_timeout, 0.0, lo_open=True)
         _range(self.SECTION, "wait_for_nodes", self.wait_for_nodes, 0.0, lo_open=True)
+        _range(self.SECTION, "poll_interval", self.poll_interval, 0.0, 60.0, lo_open=True)
         _range(self.SECTION, "server_momentum", self.server_momentum, 0.0, 1.0)
         _range(self.SECTION, "trim_beta", self.trim_beta, 0.0, 0.5)
 

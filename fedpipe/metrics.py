@@ -29,6 +29,7 @@ class RoundRecord:
     encode_seconds: float  # summed over the clients aggregated this round
     decode_seconds: float  # server side, all replies
     train_seconds: float  # local training, summed over the clients aggregated
+    slowest_train_seconds: float = 0.0  # the straggler's local training time
 
 
 def _mb(n: int) -> str:

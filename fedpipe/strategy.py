@@ -138,6 +138,7 @@ class _Round:
     payload_bytes: int = 0  # their serialized size
     encode_seconds: float = 0.0  # summed over accepted clients
     train_seconds: float = 0.0
+    slowest_train_seconds: float = 0.0
     train_loss: float | None = None
 
 
@@ -237,7 +238,9 @@ class CodecStrategy(Strategy):
             finally:
                 self._round.decode_seconds += time.perf_counter() - t0
             self._round.encode_seconds += _seconds(decoded, ENCODE_SECONDS)
-            self._round.train_seconds += _seconds(decoded, TRAIN_SECONDS)
+            trained = _seconds(decoded, TRAIN_SECONDS)
+            self._round.train_seconds += trained
+            self._round.slowest_train_seconds = max(self._round.slowest_train_seconds, trained)
             msg.content = decoded
             accepted.append((client_id, msg))
         # Aggregate in client order: float sums then do not depend on arrival order.
@@ -290,6 +293,7 @@ class CodecStrategy(Strategy):
             encode_seconds=r.encode_seconds,
             decode_seconds=r.decode_seconds,
             train_seconds=r.train_seconds,
+            slowest_train_seconds=r.slowest_train_seconds,
         )
         if self.on_round_end is not None:
             self.on_round_end(rec)

@@ -14,7 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROCESS_PATTERN = (
     "raylet|gcs_server|flower-superlink|flower-supernode|flower-superexec|flwr-clientapp"
-    "|flwr-serverapp"
+    "|flwr-serverapp|fedpipe.deploy.supernode|fedpipe.deploy.warm"
 )
 
 

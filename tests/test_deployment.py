@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpipe.crypto import write_certs
+from fedpipe.crypto import write_certs, write_node_key
 from fedpipe.deploy.processes import free_port
 from fedpipe.metrics import read_metrics
 from fedpipe.rundir import METRICS_FILE
@@ -49,7 +49,10 @@ class Deployment:
         tls = ["--certs", str(self.certs.folder), "--port", str(self.port)]
         return self._spawn("fedpipe.cli.server", *tls, *args, log=log)
 
-    def client(self, i: int, ca: Path | None = None, log: str = "") -> subprocess.Popen[str]:
+    def client(
+        self, i: int, ca: Path | None = None, log: str = "", key: Path | None = None
+    ) -> subprocess.Popen[str]:
+        auth = ["--auth-key", str(key)] if key else []
         return self._spawn(
             "fedpipe.cli.client",
             "--superlink",
@@ -62,6 +65,7 @@ class Deployment:
             str(self.root / f"device-{i}"),
             "--max-wait",
             "120",
+            *auth,
             log=log or f"client-{i}.log",
         )
 
@@ -157,3 +161,27 @@ def test_dead_device_is_counted_and_killed_coordinator_resumes(deployment: Deplo
     assert rounds[1]["clients_failed"] >= 1  # the dead device, after the round timeout
     assert all(r["clients_replied"] >= 2 for r in rounds)
     assert all(c.poll() is None for c in clients[:2])
+
+
+@pytest.mark.parametrize("deployment", [2], indirect=True)
+def test_node_authentication_admits_registered_devices_only(deployment: Deployment) -> None:
+    d = deployment
+    keys = d.root / "keys"
+    good, good_pub = write_node_key(keys, "good")
+    stranger, _ = write_node_key(keys, "stranger")
+    server = d.server(
+        "--node-keys",
+        str(good_pub),
+        "federation.rounds=1",
+        "federation.min_nodes=1",
+        *SERVER_ARGS,
+        *d.common,
+    )
+    d.client(0, key=good)
+    refused = d.client(1, key=stranger, log="stranger.log")
+    assert refused.wait(120) == 1
+    assert "refused this device's key" in d.log("stranger.log")
+    assert server.wait(300) == 0, d.log("server.log")
+    rounds = read_metrics(d.run_dir() / METRICS_FILE)
+    assert rounds[0]["clients_replied"] == 1 and rounds[0]["clients_sampled"] == 1
+    assert b"PRIVATE" not in (d.root / "server.log").read_bytes()

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedpipe.config import ConfigError, load_config
-from fedpipe.crypto import write_certs
+from fedpipe.crypto import write_certs, write_node_key
 from fedpipe.data import (
     DatasetNotFoundError,
     label_histograms,
@@ -29,6 +29,13 @@ def _certs(args: argparse.Namespace) -> int:
     print(f"CA private key   {paths.ca_key}  (0600; keep it off the coordinator if you can)")
     print(f"server cert+key  {paths.server_cert}, {paths.server_key} (0600)")
     print(f"valid for: {', '.join(args.hosts)}")
+    return 0
+
+
+def _node_key(args: argparse.Namespace) -> int:
+    private, public = write_node_key(Path(args.out), args.name, force=args.force)
+    print(f"device private key {private} (0600; stays on the device: fedpipe-client --auth-key)")
+    print(f"device public key  {public} (to the coordinator: fedpipe-server --node-keys)")
     return 0
 
 
@@ -57,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--force", action="store_true", help="replace existing files")
     c.set_defaults(handler=_certs)
+
+    k = sub.add_parser("node-key", help="create a device key for node authentication")
+    k.add_argument("--out", default="keys", help="folder for <name>.key and <name>.pub")
+    k.add_argument("--name", required=True, help="device name, e.g. pi-kitchen")
+    k.add_argument("--force", action="store_true", help="replace existing files")
+    k.set_defaults(handler=_node_key)
 
     s = sub.add_parser("partition", help="write one shard file per device from a dataset")
     s.add_argument("--config", help="run config naming data and partition")

@@ -8,6 +8,7 @@ from fedpipe.crypto.certs import (
     write_private,
 )
 from fedpipe.crypto.files import read_private_pem, write_private_bytes
+from fedpipe.crypto.nodekeys import write_node_key
 
 __all__ = [
     "CertPaths",
@@ -15,6 +16,7 @@ __all__ = [
     "create_server_cert",
     "read_private_pem",
     "write_certs",
+    "write_node_key",
     "write_private",
     "write_private_bytes",
 ]

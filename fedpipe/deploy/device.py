@@ -7,7 +7,9 @@ a round timeout on the coordinator.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +23,8 @@ from fedpipe.client_app import DATA_PATH
 from fedpipe.config import ConfigError, DataConfig, load_profile
 from fedpipe.data import load_dataset
 from fedpipe.deploy.processes import Child, flower_env, free_port
+from fedpipe.deploy.supernode import DEFAULT_POLL, POLL_ENV
+from fedpipe.deploy.warm import SOCKET_ENV, install_shim
 
 __all__ = ["DeviceError", "DeviceOptions", "node_config", "run_device"]
 
@@ -43,6 +47,8 @@ class DeviceOptions:
     auth_key: Path | None = None  # OpenSSH private key registered on the coordinator
     state_dir: Path | None = None  # Flower's FLWR_HOME for this device
     max_wait: float = 600.0  # give up reconnecting after this many seconds
+    poll_seconds: float = DEFAULT_POLL  # idle poll of the coordinator (Flower's own: 3 s)
+    warm: bool = True  # fork ClientApp processes from a pre-imported zygote (fedpipe.deploy.warm)
     echo: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
 
 
@@ -83,7 +89,9 @@ def _format(config: dict[str, Any]) -> str:
 
 
 def _argv(opts: DeviceOptions, config: dict[str, Any]) -> list[str]:
-    argv = ["flower-supernode", "--superlink", opts.superlink, "--node-config", _format(config)]
+    # Flower's flower-supernode, run through fedpipe's entry point for a prompter poll.
+    argv = [sys.executable, "-m", "fedpipe.deploy.supernode", "--superlink", opts.superlink]
+    argv += ["--node-config", _format(config)]
     # Each SuperNode serves its ClientApp processes on a local port; several devices may
     # share one machine in tests, so take a free one.
     argv += ["--port", str(free_port()), "--isolation", "subprocess"]
@@ -114,13 +122,34 @@ def _explain(code: int, tail: str) -> str:
     return f"flower-supernode exited with code {code}"
 
 
+def _start_zygote(state: Path, env: dict[str, str]) -> Child | None:
+    """The warm-start zygote, ready before the SuperNode can ask for a ClientApp."""
+    install_shim(state / "bin")
+    sock = state / "warm.sock"
+    sock.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "fedpipe.deploy.warm", str(sock)]
+    zygote = Child("fedpipe-warm", argv, env, state / "warm.log")
+    deadline = time.monotonic() + 60
+    while not sock.exists():
+        if zygote.poll() is not None or time.monotonic() > deadline:
+            zygote.stop()
+            return None  # the shim then starts Flower's own flwr-clientapp (cold)
+        time.sleep(0.05)
+    return zygote
+
+
 def run_device(opts: DeviceOptions) -> int:
     """Run the SuperNode until it exits or this process is told to stop; its exit code."""
     config = node_config(opts)
     argv = _argv(opts, config)
     state = opts.state_dir or Path.home() / ".cache" / "fedpipe" / f"device-{config['client-id']}"
     state.mkdir(parents=True, exist_ok=True)
-    node = Child("flower-supernode", argv, flower_env(state), state / "supernode.log")
+    env = flower_env(state, {POLL_ENV: str(opts.poll_seconds)})
+    zygote = _start_zygote(state, env) if opts.warm else None
+    if zygote is not None:
+        env["PATH"] = os.pathsep.join([str(state / "bin"), env["PATH"]])
+        env[SOCKET_ENV] = str(state / "warm.sock")
+    node = Child("flower-supernode", argv, env, state / "supernode.log")
     (state / "supernode.pid").write_text(f"{node.pid}\n")  # for operators (and fault tests)
     opts.echo(f"device {config['client-id']} joining {opts.superlink} (log: {node.log_path})")
 
@@ -137,6 +166,8 @@ def run_device(opts: DeviceOptions) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         node.stop()
+        if zygote is not None:
+            zygote.stop()
     if code != 0:
         raise DeviceError(f"{_explain(code, node.tail(40))}\n--- last lines ---\n{node.tail()}")
     return 0

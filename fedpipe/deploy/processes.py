@@ -6,6 +6,7 @@ Each child gets its own process group, so stopping it also stops what it spawned
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ from typing import IO
 
 __all__ = ["Child", "flower_env", "free_port", "wait_for_port"]
 
+PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
 OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
@@ -72,6 +74,7 @@ class Child:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: we stop its children too
+            preexec_fn=_die_with_parent,
         )
 
     @property
@@ -103,6 +106,17 @@ class Child:
                 break
         self._log.close()
         return self.proc.poll()
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if fedpipe dies, even by SIGKILL (Linux; no-op elsewhere).
+
+    The child has its own session, so without this a killed fedpipe-client would leave its
+    SuperNode (and zygote) running with nobody to stop them.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _group_alive(pgid: int) -> bool:
