@@ -84,3 +84,26 @@ def test_device_settings_cannot_change_the_experiment(tmp_path: Path) -> None:
         load_profile(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_profile(tmp_path / "missing.toml")
+
+
+def test_device_checks_its_data_and_profile_before_connecting(tmp_path: Path) -> None:
+    from fedpipe.deploy.device import DeviceError, DeviceOptions, node_config, run_device
+
+    shards = tmp_path / "shards"
+    assert fedpipe_main(["partition", "--out", str(shards), "partition.num_clients=2"]) == 0
+    opts = DeviceOptions(
+        superlink="127.0.0.1:1", data=shards, client_id=1, profile=ROOT / "clients/cpu-iot.toml"
+    )
+    config = node_config(opts)  # a folder + client id finds client-1.npz
+    assert config["client-id"] == 1 and config["data-path"].endswith("client-1.npz")
+    assert config["train.batch_size"] == 16 and config["train.threads"] == 1
+    with pytest.raises(DeviceError, match="no such file"):
+        node_config(DeviceOptions(superlink="x:1", data=tmp_path / "nope.npz"))
+    with pytest.raises(DeviceError, match="exactly one"):
+        node_config(DeviceOptions(superlink="x:1", data=shards))
+    broken = tmp_path / "broken.npz"
+    np.savez(broken, x=np.zeros((3, 4), np.float32))  # no labels
+    with pytest.raises(DeviceError, match="missing arrays"):
+        node_config(DeviceOptions(superlink="x:1", data=broken, client_id=0))
+    with pytest.raises(DeviceError, match="root-certificates"):  # TLS without a CA: refused
+        run_device(DeviceOptions(superlink="x:1", data=shards / "client-0.npz"))

@@ -118,23 +118,30 @@ def _kill_group(pid_file: Path) -> None:
 @pytest.mark.parametrize("deployment", [3], indirect=True)
 def test_tls_coordinator_and_three_devices_complete_a_run(deployment: Deployment) -> None:
     d = deployment
-    server = d.server("federation.rounds=2", "federation.min_nodes=3", *SERVER_ARGS, *d.common)
+    args = ["federation.rounds=3", "federation.min_nodes=3", "federation.round_timeout=30"]
+    server = d.server(*args, *SERVER_ARGS, *d.common)
     clients = [d.client(i) for i in range(3)]
     # A device holding another CA's certificate is refused at the TLS handshake.
     other = write_certs(d.root / "other-ca", ["127.0.0.1"])
     rogue = d.client(0, ca=other.ca_cert, log="rogue.log")
     assert rogue.wait(120) == 1
     assert "not signed by the given CA" in d.log("rogue.log")
+    # A device that restarts rejoins: stop device 0 after round 1, start it again.
+    d.wait_rounds(1)
+    clients[0].send_signal(signal.SIGTERM)
+    assert clients[0].wait(60) == 130
+    clients[0] = d.client(0, log="client-0-restarted.log")
 
     assert server.wait(300) == 0, d.log("server.log")
     run = d.run_dir()
     for name in ("config.toml", "metrics.jsonl", "summary.json", "model.pt", "checkpoint.npz"):
         assert (run / name).is_file(), name
     rounds = read_metrics(run / METRICS_FILE)
-    assert [r["round"] for r in rounds] == [1, 2]
-    assert all(r["clients_replied"] == 3 and r["clients_failed"] == 0 for r in rounds)
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert rounds[0]["clients_replied"] == 3 and rounds[0]["clients_failed"] == 0
+    assert rounds[-1]["clients_replied"] == 3  # the restarted device is back
     assert rounds[-1]["accuracy"] > 0.5
-    assert "round   2/2" in d.log("server.log")
+    assert "round   3/3" in d.log("server.log")
     assert all(c.poll() is None for c in clients)  # devices stay up for the next run
 
 

@@ -8,8 +8,10 @@ run, prints each round, writes the run directory, and stops everything on exit.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 from fedpipe.config import ConfigError, load_config
 from fedpipe.data import DatasetNotFoundError
@@ -34,17 +36,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--node-keys",
         type=Path,
-        nargs="+",
+        action="append",
         default=[],
-        help="OpenSSH public keys of the devices allowed in (turns on node authentication)",
+        metavar="PATH",
+        help="a device's OpenSSH public key, or a folder of *.pub; repeatable "
+        "(turns on node authentication: other devices are refused)",
     )
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed run")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
+def _public_keys(paths: list[Path]) -> tuple[Path, ...]:
+    keys: list[Path] = []
+    for path in paths:
+        keys += sorted(path.glob("*.pub")) if path.is_dir() else [path]
+    return tuple(keys)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops everything as Ctrl-C does
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     quiet_flower(verbose=args.verbose)
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
@@ -62,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         certs=args.certs,
         insecure=args.insecure,
-        node_keys=tuple(args.node_keys),
+        node_keys=_public_keys(args.node_keys),
     )
     try:
         cfg = None if args.resume else load_config(args.config, args.overrides)

@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -39,7 +39,7 @@ class DeviceError(RuntimeError):
 @dataclass(frozen=True)
 class DeviceOptions:
     superlink: str  # host:port of the coordinator
-    data: Path  # the device's shard (.npz)
+    data: Path  # the device's shard (.npz), or a folder holding it
     root_certificates: Path | None = None  # the coordinator's CA certificate (pinned)
     insecure: bool = False
     profile: Path | None = None
@@ -61,10 +61,25 @@ def _client_id(opts: DeviceOptions) -> int:
         return int(npz["client_id"])
 
 
+def shard_file(data: Path, client_id: int | None) -> Path:
+    """--data names a shard file, or a folder holding client-<id>.npz or a single .npz."""
+    if data.is_dir():
+        if client_id is not None and (data / f"client-{client_id}.npz").is_file():
+            return data / f"client-{client_id}.npz"
+        found = sorted(data.glob("*.npz"))
+        if len(found) == 1:
+            return found[0]
+        want = f"client-{client_id}.npz" if client_id is not None else "exactly one .npz"
+        raise DeviceError(f"--data {data}: folder holds no {want} ({len(found)} .npz files)")
+    if not data.is_file():
+        raise DeviceError(f"--data {data}: no such file (write shards with fedpipe partition)")
+    return data
+
+
 def node_config(opts: DeviceOptions) -> dict[str, Any]:
     """What the ClientApp reads from context.node_config on this device."""
-    if not opts.data.is_file():
-        raise DeviceError(f"--data {opts.data}: no such file (write shards with fedpipe partition)")
+    data = shard_file(opts.data, opts.client_id)
+    opts = replace(opts, data=data)
     try:
         ds = load_dataset(DataConfig(dataset="file", path=str(opts.data.resolve())))
     except (ValueError, OSError) as exc:
