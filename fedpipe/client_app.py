@@ -10,11 +10,13 @@ import time
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpipe.codec import Update, build_codec, encode_with_feedback
+from fedpipe.codec import Encoded, Update, build_codec, encode_with_feedback
 from fedpipe.config import DEVICE_KEYS, CodecConfig, DataConfig, RunConfig, with_device_settings
+from fedpipe.crypto.seal import Binding, seal
 from fedpipe.data import Split, TensorDataset, client_shard, load_dataset
 from fedpipe.models import build_model
 from fedpipe.records import (
@@ -26,6 +28,7 @@ from fedpipe.records import (
     INFO,
     METRICS,
     NUM_EXAMPLES,
+    SEAL_REQUIRED,
     SERVER_ROUND,
     TRAIN_SECONDS,
     UPDATE,
@@ -51,6 +54,35 @@ def _client_id(context: Context) -> int:
 
 
 DATA_PATH = "data-path"  # node config: a deployed device's own shard file
+AGGREGATOR_KEY = "aggregator-key"  # node config: the aggregator's X25519 public key, hex
+# node config, tests only: comma-separated floats planted in the first coordinates of the
+# update, so an end-to-end test can look for them on the wire and in the relay's database.
+CANARY = "test-canary"
+
+
+def _seal_key(context: Context, given: bytes | None) -> X25519PublicKey | None:
+    """The aggregator's public key: given (simulation) or from the node config (device)."""
+    raw = given if given is not None else context.node_config.get(AGGREGATOR_KEY)
+    if not raw:
+        return None
+    return X25519PublicKey.from_public_bytes(
+        raw if isinstance(raw, bytes) else bytes.fromhex(str(raw))
+    )
+
+
+def _maybe_seal(
+    encoded: Encoded, msg: Message, context: Context, key: X25519PublicKey | None, rnd: int
+) -> Encoded:
+    """Seal whenever this device has the aggregator's key, whatever the broadcast says: a
+    relay that turned the flag off must not get plaintext."""
+    if key is None:
+        if msg.content.config_records[CONFIG].get(SEAL_REQUIRED, False):
+            raise RuntimeError(
+                "the aggregator accepts sealed updates only, and this device has no "
+                "aggregator public key (fedpipe-client --aggregator-key)"
+            )
+        return encoded
+    return seal(encoded, key, Binding(context.run_id, rnd, context.node_id))
 
 
 def _device_data(context: Context) -> TensorDataset | None:
@@ -101,7 +133,18 @@ def _remember(context: Context, server_round: int, residual: Update | None) -> N
         context.state[RESIDUAL] = ArrayRecord({k: Array(v) for k, v in residual.items()})
 
 
-def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
+def _plant_canary(update: Update, context: Context) -> None:
+    raw = context.node_config.get(CANARY)
+    if not raw:
+        return
+    values = np.array([float(v) for v in str(raw).split(",")], np.float32)
+    first = next(iter(update.values())).reshape(-1)  # a view: writes go into the update
+    first[: len(values)] = values[: len(first)]
+
+
+def client_train(
+    msg: Message, context: Context, cfg: RunConfig, seal_key: bytes | None = None
+) -> Message:
     cid = _client_id(context)
     if cid in cfg.simulation.fail_clients:
         raise RuntimeError(f"client {cid}: injected failure (simulation.fail_clients)")
@@ -121,6 +164,7 @@ def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     update = {
         k: (local_sd[k].detach().float().cpu() - global_sd[k].float()).numpy() for k in global_sd
     }
+    _plant_canary(update, context)
     rng = np.random.default_rng([client_seed(cfg.seed, cid), server_round])
     codec = build_codec(cfg.codec)
     residual = None
@@ -129,6 +173,7 @@ def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         encoded, residual = encode_with_feedback(codec, update, prior, rng)
     else:
         encoded = codec.encode(update, rng)
+    encoded = _maybe_seal(encoded, msg, context, _seal_key(context, seal_key), server_round)
     arrays, meta = encode_records(encoded)
     t2 = time.perf_counter()
     _remember(context, server_round, residual)
@@ -160,8 +205,12 @@ def client_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 
-def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
-    """A ClientApp bound to `cfg`, or reading it from the run config when `cfg` is None."""
+def make_client_app(cfg: RunConfig | None = None, seal_key: bytes | None = None) -> ClientApp:
+    """A ClientApp bound to `cfg`, or reading it from the run config when `cfg` is None.
+
+    `seal_key` (simulation) is the aggregator's raw X25519 public key (bytes: Ray must
+    pickle the app); a deployed device gets it from its node config instead.
+    """
     app = ClientApp()
 
     def resolve(context: Context) -> RunConfig:
@@ -170,7 +219,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        return client_train(msg, context, resolve(context))
+        return client_train(msg, context, resolve(context), seal_key)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:

@@ -27,6 +27,7 @@ __all__ = [
     "ModelConfig",
     "PartitionConfig",
     "RunConfig",
+    "SecurityConfig",
     "SimulationConfig",
     "TrainConfig",
     "config_from_dict",
@@ -35,6 +36,7 @@ __all__ = [
     "config_to_toml",
     "load_config",
     "load_profile",
+    "parse_value",
     "with_device_settings",
 ]
 
@@ -226,6 +228,24 @@ class CodecConfig:
         _choice(self.SECTION, "downlink", self.downlink, DOWNLINKS)
 
 
+SEAL_MODES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """End-to-end sealing of updates, device to aggregator (fedpipe.crypto.seal)."""
+
+    SECTION: ClassVar[str] = "security"
+    # auto: on in deployment (fedpipe-server), off in simulation; on/off force it.
+    seal: str = "auto"
+
+    def __post_init__(self) -> None:
+        _choice(self.SECTION, "seal", self.seal, SEAL_MODES)
+
+    def sealed(self, deployed: bool) -> bool:
+        return self.seal == "on" or (self.seal == "auto" and deployed)
+
+
 @dataclass(frozen=True)
 class SimulationConfig:
     """Single-machine simulation with Flower's simulation engine."""
@@ -257,6 +277,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:
@@ -342,7 +363,7 @@ def config_from_toml(text: str) -> RunConfig:
 # --- overrides ----------------------------------------------------------------------
 
 
-def _parse_value(raw: str) -> Any:
+def parse_value(raw: str) -> Any:
     """Parse an override value as a TOML literal; bare words stay strings."""
     try:
         return tomllib.loads(f"v = {raw}")["v"]
@@ -364,7 +385,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is a value, not a table")
             node = child
-        node[leaf] = _parse_value(raw.strip())
+        node[leaf] = parse_value(raw.strip())
     return out
 
 

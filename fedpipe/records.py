@@ -25,6 +25,7 @@ __all__ = [
     "METRICS",
     "NUM_EXAMPLES",
     "RUN_CONFIG_KEY",
+    "SEAL_REQUIRED",
     "SERVER_ROUND",
     "TRAIN_SECONDS",
     "UPDATE",
@@ -48,6 +49,7 @@ SERVER_ROUND = "server-round"  # injected by Flower strategies into CONFIG
 CLIENT_ID = "client-id"
 TRAIN_SECONDS = "train-seconds"  # client's local training time (METRICS)
 ENCODE_SECONDS = "encode-seconds"  # client's encode time (METRICS)
+SEAL_REQUIRED = "seal"  # CONFIG: the aggregator accepts sealed updates only
 # Key in Flower's run config that carries the whole fedpipe config as TOML.
 RUN_CONFIG_KEY = "fedpipe-config"
 

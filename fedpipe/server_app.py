@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedpipe.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_strategy, save_checkpoint
-from fedpipe.codec import build_codec
+from fedpipe.codec import Encoded, build_codec
 from fedpipe.config import RunConfig
+from fedpipe.crypto.keys import load_aggregator_key
+from fedpipe.crypto.seal import Binding, open_sealed
 from fedpipe.data import load_dataset
 from fedpipe.grid import BoundedGrid
 from fedpipe.metrics import MetricsLog
@@ -20,7 +24,7 @@ from fedpipe.models import build_model
 from fedpipe.records import config_from_run_config
 from fedpipe.rundir import METRICS_FILE, MODEL_FILE, SUMMARY_FILE, save_model, write_json
 from fedpipe.seed import set_seed
-from fedpipe.strategy import CodecStrategy, build_strategy
+from fedpipe.strategy import CodecStrategy, Opener, build_strategy
 from fedpipe.training import evaluate
 
 __all__ = ["make_server_app", "run_server"]
@@ -28,13 +32,25 @@ __all__ = ["make_server_app", "run_server"]
 log = logging.getLogger(__name__)
 
 
+def _opener(run_id: int, key: X25519PrivateKey) -> Opener:
+    def open_payload(encoded: Encoded, server_round: int, node: int) -> Encoded:
+        return open_sealed(encoded, key, Binding(run_id, server_round, node))
+
+    return open_payload
+
+
 def run_server(
-    grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False
+    grid: Grid,
+    cfg: RunConfig,
+    run_dir: Path,
+    resume: bool = False,
+    seal: tuple[int, X25519PrivateKey] | None = None,
 ) -> dict[str, object]:
     """Run all rounds on `grid`, writing metrics, checkpoints, the final model and summary.
 
     With `resume`, continue from the run directory's last checkpoint: the rounds it holds
-    are kept, the round that was in flight is run again.
+    are kept, the round that was in flight is run again. With `seal` (this run's id and
+    the aggregator's private key), only sealed updates bound to this run are accepted.
     """
     t0 = time.perf_counter()
     set_seed(cfg.seed)
@@ -69,6 +85,7 @@ def run_server(
             run_dir / CHECKPOINT_FILE, rnd, arrays, inner
         ),
         round_offset=done,
+        opener=_opener(*seal) if seal is not None else None,
     )
     if done < cfg.federation.rounds:
         result = strategy.start(
@@ -91,10 +108,27 @@ def run_server(
     return summary
 
 
+SEAL_KEY_FILE = "seal-key-file"  # run config: the aggregator's private key, on the coordinator
+
+
+def _deployed_seal_key(cfg: RunConfig, run_config: Mapping[str, object]) -> X25519PrivateKey | None:
+    """The aggregator key a deployed run must use (a path, never the key, is in the run
+    config: the SuperLink stores run configs in its database)."""
+    if not cfg.security.sealed(deployed=True):
+        return None
+    path = run_config.get(SEAL_KEY_FILE)
+    if not path:
+        raise ValueError(
+            f"security.seal={cfg.security.seal!r} but the run names no {SEAL_KEY_FILE}"
+        )
+    return load_aggregator_key(Path(str(path)))
+
+
 def make_server_app(
     cfg: RunConfig | None = None,
     run_dir: Path | None = None,
     errors: list[BaseException] | None = None,
+    seal_key: X25519PrivateKey | None = None,
 ) -> ServerApp:
     """A ServerApp bound to `cfg` and `run_dir`, or reading them from the run config.
 
@@ -106,10 +140,13 @@ def make_server_app(
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
-            run_cfg = cfg or config_from_run_config(dict(context.run_config))
-            out = run_dir if run_dir is not None else Path(str(context.run_config["run-dir"]))
-            resume = bool(context.run_config.get("resume", False))
-            run_server(grid, run_cfg, out, resume=resume)
+            run_config = dict(context.run_config)
+            run_cfg = cfg or config_from_run_config(run_config)
+            out = run_dir if run_dir is not None else Path(str(run_config["run-dir"]))
+            resume = bool(run_config.get("resume", False))
+            key = seal_key if cfg is not None else _deployed_seal_key(run_cfg, run_config)
+            seal = (context.run_id, key) if key is not None else None
+            run_server(grid, run_cfg, out, resume=resume, seal=seal)
         except BaseException as exc:
             if errors is not None:
                 errors.append(exc)

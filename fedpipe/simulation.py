@@ -107,16 +107,22 @@ def run_simulation(cfg: RunConfig, run_dir: Path | None = None) -> SimulationRes
     run_dir = run_dir or create_run_dir(cfg)
     log_partition(cfg, run_dir)
 
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from fedpipe.client_app import make_client_app
+    from fedpipe.crypto.seal import public_bytes
     from fedpipe.server_app import make_server_app
 
     errors: list[BaseException] = []
     try:
+        # A simulated aggregator's key lives for one run; deployment uses `fedpipe keys`.
+        key = X25519PrivateKey.generate() if cfg.security.sealed(deployed=False) else None
         flwr_run_simulation(
-            server_app=make_server_app(cfg, run_dir, errors),
-            client_app=make_client_app(cfg),
+            server_app=make_server_app(cfg, run_dir, errors, seal_key=key),
+            client_app=make_client_app(
+                cfg, seal_key=public_bytes(key.public_key()) if key else None
+            ),
             num_supernodes=cfg.partition.num_clients,
             backend_config=_backend_config(cfg),
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedpipe.codec import Codec, PayloadError, Update, check_update
+from fedpipe.codec import Codec, Encoded, PayloadError, Update, check_update
 from fedpipe.config import FederationConfig
 from fedpipe.metrics import RoundRecord
 from fedpipe.records import (
@@ -39,6 +40,7 @@ from fedpipe.records import (
     INFO,
     METRICS,
     NUM_EXAMPLES,
+    SEAL_REQUIRED,
     TRAIN_SECONDS,
     decode_records,
     record_int,
@@ -50,6 +52,7 @@ __all__ = ["CodecStrategy", "apply_update", "build_strategy", "cast_like", "comp
 log = logging.getLogger(__name__)
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+Opener = Callable[[Encoded, int, int], Encoded]  # (payload, server round, node id)
 
 
 def build_strategy(cfg: FederationConfig) -> Strategy:
@@ -153,6 +156,7 @@ class CodecStrategy(Strategy):
         downlink: str = "float32",
         checkpoint: Callable[[int, ArrayRecord], None] | None = None,
         round_offset: int = 0,
+        opener: Opener | None = None,
     ) -> None:
         self.inner = inner
         self.codec = codec
@@ -161,6 +165,8 @@ class CodecStrategy(Strategy):
         # Rounds already done before this start() (a resumed run): Flower's loop counts
         # from 1, clients and records see the run's own round numbers.
         self.round_offset = round_offset
+        # Sealed updates: opens each payload for (round, node) or raises PayloadError.
+        self.opener = opener
         self.on_round_end = on_round_end
         self._global: Update = {}
         self._round = _Round(started=time.perf_counter())
@@ -188,6 +194,8 @@ class CodecStrategy(Strategy):
         self._round = _Round(started=time.perf_counter())
         self._global = {k: a.numpy() for k, a in arrays.items()}
         server_round += self.round_offset
+        if self.opener is not None:  # tells devices without the key why they are refused
+            config = ConfigRecord({**config, SEAL_REQUIRED: True})
         messages = self._send(self.inner.configure_train(server_round, arrays, config, grid))
         self._round.sampled = len(messages)
         return messages
@@ -200,9 +208,14 @@ class CodecStrategy(Strategy):
 
     # -- receiving --------------------------------------------------------------------
 
-    def _decode(self, content: RecordDict) -> RecordDict:
+    def _decode(self, content: RecordDict, server_round: int, node: int) -> RecordDict:
         metrics = _check_metrics(content)
-        update = self.codec.decode(decode_records(content), like=self._global)
+        encoded = decode_records(content)
+        if self.opener is not None:
+            encoded = self.opener(encoded, server_round, node)
+        elif "seal" in encoded.meta:
+            raise PayloadError("the update is sealed but this aggregator has security.seal off")
+        update = self.codec.decode(encoded, like=self._global)
         check_update(update, self._global)
         return RecordDict({ARRAYS: apply_update(self._global, update), METRICS: metrics})
 
@@ -218,10 +231,17 @@ class CodecStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         accepted: list[tuple[int, Message]] = []
+        replies = list(replies)
+        # A node that answers twice in a round (a replay, or a confused device) is dropped
+        # altogether: which of its replies is genuine cannot be told.
+        counts = Counter(m.metadata.src_node_id for m in replies if not m.has_error())
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 self._fail(node, f"client error: {msg.error.reason}")
+                continue
+            if counts[node] > 1:
+                self._fail(node, f"{counts[node]} replies from node {node} in round {server_round}")
                 continue
             size = wire_bytes(msg.content)
             self._round.bytes_up += size
@@ -231,7 +251,7 @@ class CodecStrategy(Strategy):
             try:
                 info = msg.content.config_records.get(INFO, ConfigRecord())
                 client_id = record_int(info, CLIENT_ID, node)
-                decoded = self._decode(msg.content)
+                decoded = self._decode(msg.content, server_round, node)
             except PayloadError as exc:
                 self._fail(node, f"bad payload: {exc}")
                 continue

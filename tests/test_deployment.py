@@ -5,15 +5,19 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedpipe.crypto import write_certs, write_node_key
+from fedpipe.crypto.keys import write_aggregator_keys
 from fedpipe.deploy.processes import free_port
 from fedpipe.metrics import read_metrics
 from fedpipe.rundir import METRICS_FILE
@@ -29,6 +33,8 @@ class Deployment:
     def __init__(self, root: Path, clients: int) -> None:
         self.root, self.port = root, free_port()
         self.certs = write_certs(root / "certs", ["127.0.0.1", "localhost"])
+        # Updates are sealed in deployment by default: the aggregator key pair.
+        self.seal_key, self.seal_pub, self.fingerprint = write_aggregator_keys(root / "keys")
         self.shards = root / "shards"
         self.common = [f"partition.num_clients={clients}", f"output_dir='{root / 'runs'}'"]
         self._run_cli("fedpipe.cli.main", "partition", "--out", str(self.shards), *self.common)
@@ -45,20 +51,41 @@ class Deployment:
         self.procs.append(proc)
         return proc
 
-    def server(self, *args: str, log: str = "server.log") -> subprocess.Popen[str]:
-        tls = ["--certs", str(self.certs.folder), "--port", str(self.port)]
-        return self._spawn("fedpipe.cli.server", *tls, *args, log=log)
+    def server(
+        self, *args: str, log: str = "server.log", insecure: bool = False
+    ) -> subprocess.Popen[str]:
+        net = ["--insecure"] if insecure else ["--certs", str(self.certs.folder)]
+        net += ["--port", str(self.port), "--seal-key", str(self.seal_key)]
+        return self._spawn("fedpipe.cli.server", *net, *args, log=log)
 
-    def client(
-        self, i: int, ca: Path | None = None, log: str = "", key: Path | None = None
+    def client(  # noqa: PLR0913
+        self,
+        i: int,
+        ca: Path | None = None,
+        log: str = "",
+        key: Path | None = None,
+        port: int | None = None,
+        extra: tuple[str, ...] = (),
+        sealed: bool = True,
     ) -> subprocess.Popen[str]:
         auth = ["--auth-key", str(key)] if key else []
+        net = (
+            ["--insecure"]
+            if "--insecure" in extra
+            else ["--root-certificates", str(ca or self.certs.ca_cert)]
+        )
+        rest = [a for a in extra if a != "--insecure"]
         return self._spawn(
             "fedpipe.cli.client",
             "--superlink",
-            f"127.0.0.1:{self.port}",
-            "--root-certificates",
-            str(ca or self.certs.ca_cert),
+            f"127.0.0.1:{port or self.port}",
+            *net,
+            *(
+                ["--aggregator-key", str(self.seal_pub), "--pin", self.fingerprint]
+                if sealed
+                else []
+            ),
+            *rest,
             "--data",
             str(self.shards / f"client-{i}.npz"),
             "--state-dir",
@@ -192,3 +219,99 @@ def test_node_authentication_admits_registered_devices_only(deployment: Deployme
     rounds = read_metrics(d.run_dir() / METRICS_FILE)
     assert rounds[0]["clients_replied"] == 1 and rounds[0]["clients_sampled"] == 1
     assert b"PRIVATE" not in (d.root / "server.log").read_bytes()
+
+
+class Recorder:
+    """A TCP relay between the devices and the SuperLink that keeps every byte it moves."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target, self.data, self.lock = target_port, bytearray(), threading.Lock()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                down, _ = self.server.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                with self.lock:
+                    self.data += chunk
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+CANARY = [1234.5 + i / 8 for i in range(16)]  # exact in float32
+
+
+@pytest.mark.parametrize("deployment", [2], indirect=True)
+def test_canary_never_reaches_the_relay_in_clear(deployment: Deployment) -> None:
+    """Transport without TLS (the worst case: TLS ends at an operator's relay). Sealing off
+    first, as the control that shows the canary would be found; then sealing on."""
+    d = deployment
+    pattern = np.array(CANARY, np.float32).tobytes()
+    canary = ",".join(str(v) for v in CANARY)
+    seen: dict[str, tuple[bool, bool]] = {}
+    for mode in ("off", "on"):
+        before = set((d.root / "runs").glob("*")) if (d.root / "runs").exists() else set()
+        relay = Recorder(d.port)
+        server = d.server(
+            f"security.seal={mode}", "federation.rounds=1", "federation.min_nodes=2",
+            *SERVER_ARGS, *d.common, insecure=True, log=f"server-{mode}.log",
+        )  # fmt: skip
+        extra = ("--insecure", "--node-config", f'test-canary="{canary}"')
+        on = mode == "on"
+        clients = [
+            d.client(0, port=relay.port, extra=extra, log=f"canary-{mode}.log", sealed=on),
+            d.client(1, port=relay.port, extra=("--insecure",), log=f"plain-{mode}.log", sealed=on),
+        ]
+        assert server.wait(300) == 0, d.log(f"server-{mode}.log")
+        assert "clients 2/2 ok" in d.log(f"server-{mode}.log")
+        for c in clients:
+            c.send_signal(signal.SIGTERM)
+            c.wait(60)
+        relay.close()
+        (run,) = set((d.root / "runs").glob("*")) - before
+        database = b"".join(p.read_bytes() for p in (run / "flower").glob("superlink.db*"))
+        seen[mode] = (pattern in database, pattern in bytes(relay.data))
+        if mode == "on":
+            _check_canary_aggregated(d, run)
+    assert seen["off"] == (True, True)  # the detector works: plain Flower would leak it
+    assert seen["on"] == (False, False)  # sealed: neither the database nor the wire has it
+
+
+def _check_canary_aggregated(d: Deployment, run: Path) -> None:
+    """The sealed canary still reached the aggregate: FedAvg weights it by shard size."""
+    from fedpipe.checkpoint import CHECKPOINT_FILE, load_checkpoint
+    from fedpipe.config import DataConfig, config_from_toml
+    from fedpipe.data import load_dataset
+    from fedpipe.models import build_model
+    from fedpipe.seed import set_seed
+
+    cfg = config_from_toml((run / "config.toml").read_text())
+    set_seed(cfg.seed)
+    ds = load_dataset(cfg.data)
+    start = build_model(cfg.model, ds.input_shape, ds.num_classes).state_dict()
+    first = next(iter(start))
+    after = load_checkpoint(run / CHECKPOINT_FILE).arrays[first].reshape(-1)[:16]
+    sizes = [
+        len(load_dataset(DataConfig(dataset="file", path=str(d.shards / f"client-{i}.npz"))).train)
+        for i in range(2)
+    ]
+    moved = after - start[first].numpy().reshape(-1)[:16]
+    np.testing.assert_allclose(moved, np.array(CANARY) * sizes[0] / sum(sizes), atol=0.5)

@@ -24,6 +24,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=Path, help="device profile TOML (see clients/)")
     p.add_argument("--client-id", type=int, help="default: the id stored in the shard")
     p.add_argument("--auth-key", type=Path, help="OpenSSH private key registered as a node")
+    p.add_argument(
+        "--aggregator-key", type=Path, help="aggregator public key: updates are sealed to it"
+    )
+    p.add_argument("--pin", help="expected aggregator key fingerprint (SHA256:...)")
+    p.add_argument(
+        "--node-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Flower node config (advanced; repeatable)",
+    )
     p.add_argument("--state-dir", type=Path, help="Flower state folder for this device")
     p.add_argument("--max-wait", type=float, default=600.0, help="seconds to keep reconnecting")
     return p
@@ -47,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         auth_key=args.auth_key,
         state_dir=args.state_dir,
         max_wait=args.max_wait,
+        aggregator_key=args.aggregator_key,
+        pin=args.pin,
+        extra=tuple(args.node_config),
     )
     try:
         return run_device(opts)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fedpipe.config import ConfigError, load_config
 from fedpipe.crypto import write_certs, write_node_key
+from fedpipe.crypto.keys import write_aggregator_keys
 from fedpipe.data import (
     DatasetNotFoundError,
     label_histograms,
@@ -36,6 +37,14 @@ def _node_key(args: argparse.Namespace) -> int:
     private, public = write_node_key(Path(args.out), args.name, force=args.force)
     print(f"device private key {private} (0600; stays on the device: fedpipe-client --auth-key)")
     print(f"device public key  {public} (to the coordinator: fedpipe-server --node-keys)")
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    private, public, fp = write_aggregator_keys(Path(args.out), force=args.force)
+    print(f"aggregator private key {private} (0600; coordinator only: fedpipe-server --seal-key)")
+    print(f"aggregator public key  {public} (to every device: fedpipe-client --aggregator-key)")
+    print(f"fingerprint            {fp} (devices pin it: fedpipe-client --pin)")
     return 0
 
 
@@ -64,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--force", action="store_true", help="replace existing files")
     c.set_defaults(handler=_certs)
+
+    a = sub.add_parser("keys", help="create the aggregator's key pair for sealed updates")
+    a.add_argument("--out", default="keys", help="folder for aggregator.key / aggregator.pub")
+    a.add_argument("--force", action="store_true", help="replace existing files")
+    a.set_defaults(handler=_keys)
 
     k = sub.add_parser("node-key", help="create a device key for node authentication")
     k.add_argument("--out", default="keys", help="folder for <name>.key and <name>.pub")

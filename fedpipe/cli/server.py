@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
         help="a device's OpenSSH public key, or a folder of *.pub; repeatable "
         "(turns on node authentication: other devices are refused)",
     )
+    p.add_argument(
+        "--seal-key",
+        type=Path,
+        help="aggregator private key from `fedpipe keys` (updates are sealed to it)",
+    )
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed run")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -79,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         certs=args.certs,
         insecure=args.insecure,
         node_keys=_public_keys(args.node_keys),
+        seal_key=args.seal_key,
     )
     try:
         cfg = None if args.resume else load_config(args.config, args.overrides)

@@ -20,10 +20,12 @@ from typing import Any
 import tomli_w
 
 from fedpipe.config import RunConfig, config_from_toml, config_to_toml
+from fedpipe.crypto.keys import load_aggregator_key
 from fedpipe.deploy.processes import Child, flower_env, wait_for_port
 from fedpipe.metrics import RoundRecord, progress_line, read_metrics
 from fedpipe.records import RUN_CONFIG_KEY
 from fedpipe.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, create_run_dir
+from fedpipe.server_app import SEAL_KEY_FILE
 
 __all__ = ["CoordinatorOptions", "CoordinatorResult", "DeployError", "run_coordinator"]
 
@@ -45,6 +47,7 @@ class CoordinatorOptions:
     certs: Path | None = None  # folder from `fedpipe certs`; None only with insecure
     insecure: bool = False
     node_keys: tuple[Path, ...] = ()  # OpenSSH public keys of allowed devices
+    seal_key: Path | None = None  # the aggregator's private key (`fedpipe keys`)
     start_timeout: float = 60.0
     # Progress lines go here; tests collect them.
     echo: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
@@ -80,7 +83,12 @@ def _write_app(home: Path) -> Path:
                                 "clientapp": "fedpipe.apps:client_app",
                             },
                             # Flower rejects run-config keys an app does not declare.
-                            "config": {RUN_CONFIG_KEY: "", "run-dir": "", "resume": False},
+                            "config": {
+                                RUN_CONFIG_KEY: "",
+                                "run-dir": "",
+                                "resume": False,
+                                SEAL_KEY_FILE: "",
+                            },
                         }
                     }
                 },
@@ -151,17 +159,18 @@ def _flwr(home: Path, *args: str, timeout: float = 60.0) -> dict[str, Any]:
     return reply
 
 
-def _submit(home: Path, app: Path, cfg: RunConfig, run_dir: Path, resume: bool) -> int:
+def _submit(
+    home: Path, app: Path, cfg: RunConfig, run_dir: Path, resume: bool, seal_key: Path | None
+) -> int:
+    values: dict[str, Any] = {
+        RUN_CONFIG_KEY: config_to_toml(cfg),
+        "run-dir": str(run_dir.resolve()),
+        "resume": resume,
+        # The key's path, never the key: the SuperLink keeps run configs in its database.
+        SEAL_KEY_FILE: str(seal_key.resolve()) if seal_key else "",
+    }
     run_config = home / "run-config.toml"
-    run_config.write_text(
-        tomli_w.dumps(
-            {
-                RUN_CONFIG_KEY: config_to_toml(cfg),
-                "run-dir": str(run_dir.resolve()),
-                "resume": resume,
-            }
-        )
-    )
+    run_config.write_text(tomli_w.dumps(values))
     reply = _flwr(home, "run", str(app), CONNECTION, "--run-config", str(run_config))
     return int(reply["run-id"])
 
@@ -176,6 +185,22 @@ def _register_nodes(home: Path, keys: tuple[Path, ...]) -> None:
     for key in keys:
         reply = _flwr(home, "supernode", "register", str(key.resolve()), CONNECTION)
         log.info("registered device key %s as node %s", key.name, reply.get("node-id"))
+
+
+def _check_seal_key(cfg: RunConfig, opts: CoordinatorOptions) -> None:
+    """Fail before starting anything when sealing is on and the key is unusable."""
+    if not cfg.security.sealed(deployed=True):
+        return
+    if opts.seal_key is None:
+        raise DeployError(
+            f"security.seal={cfg.security.seal!r} seals updates in deployment: create the "
+            "aggregator key with `fedpipe keys --out keys` and pass --seal-key "
+            "keys/aggregator.key (or set security.seal=off)"
+        )
+    try:
+        load_aggregator_key(opts.seal_key)
+    except (OSError, ValueError) as exc:
+        raise DeployError(f"--seal-key {opts.seal_key}: {exc}") from exc
 
 
 class _Progress:
@@ -206,6 +231,7 @@ def run_coordinator(
         run_dir = create_run_dir(cfg)
     else:
         raise ValueError("run_coordinator needs a config or a run directory to resume")
+    _check_seal_key(cfg, opts)
     home = _flwr_home(run_dir)
     home.mkdir(parents=True, exist_ok=True)
     app = _write_app(home)
@@ -222,7 +248,7 @@ def run_coordinator(
             superlink,
         )
         _register_nodes(home, opts.node_keys)
-        run_id = _submit(home, app, cfg, run_dir, resume=resume_dir is not None)
+        run_id = _submit(home, app, cfg, run_dir, resume_dir is not None, opts.seal_key)
         opts.echo(
             f"run {run_id} submitted; devices connect to {opts.host}:{opts.port} -> {run_dir}"
         )

@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from fedpipe.client_app import DATA_PATH
-from fedpipe.config import ConfigError, DataConfig, load_profile
+from fedpipe.client_app import AGGREGATOR_KEY, DATA_PATH
+from fedpipe.config import ConfigError, DataConfig, load_profile, parse_value
+from fedpipe.crypto.keys import load_public_key
+from fedpipe.crypto.seal import public_bytes
 from fedpipe.data import load_dataset
 from fedpipe.deploy.processes import Child, flower_env, free_port
 from fedpipe.deploy.supernode import DEFAULT_POLL, POLL_ENV
@@ -48,6 +50,9 @@ class DeviceOptions:
     state_dir: Path | None = None  # Flower's FLWR_HOME for this device
     max_wait: float = 600.0  # give up reconnecting after this many seconds
     poll_seconds: float = DEFAULT_POLL  # idle poll of the coordinator (Flower's own: 3 s)
+    aggregator_key: Path | None = None  # public key updates are sealed to
+    pin: str | None = None  # its expected fingerprint
+    extra: tuple[str, ...] = ()  # more node config, "key=value" (TOML literal values)
     warm: bool = True  # fork ClientApp processes from a pre-imported zygote (fedpipe.deploy.warm)
     echo: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
 
@@ -87,7 +92,22 @@ def node_config(opts: DeviceOptions) -> dict[str, Any]:
     if len(ds.train) == 0:
         raise DeviceError(f"--data {opts.data}: the shard holds no training examples")
     settings = load_profile(opts.profile) if opts.profile else {}
-    return {"client-id": _client_id(opts), DATA_PATH: str(opts.data.resolve()), **settings}
+    config: dict[str, Any] = {"client-id": _client_id(opts), DATA_PATH: str(opts.data.resolve())}
+    config.update(settings)
+    if opts.aggregator_key is not None:
+        try:
+            key = load_public_key(opts.aggregator_key, opts.pin)
+        except ValueError as exc:  # KeyMismatch included: stop before connecting
+            raise DeviceError(str(exc)) from exc
+        config[AGGREGATOR_KEY] = public_bytes(key).hex()
+    elif opts.pin is not None:
+        raise DeviceError("--pin needs --aggregator-key (the key file to check against it)")
+    for item in opts.extra:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise DeviceError(f"--node-config {item!r} must look like key=value")
+        config[name.strip()] = parse_value(raw.strip())
+    return config
 
 
 def _format(config: dict[str, Any]) -> str:

@@ -1,0 +1,215 @@
+"""Sealed updates: round trip, every rejection, and rounds that go on without the bad ones."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from fedpipe.codec import Encoded, PayloadError, UniformCodec
+from fedpipe.crypto.keys import (
+    KeyMismatch,
+    load_aggregator_key,
+    load_public_key,
+    write_aggregator_keys,
+)
+from fedpipe.crypto.seal import SEALED, Binding, fingerprint, open_sealed, seal
+from fedpipe.metrics import RoundRecord
+from fedpipe.records import CLIENT_ID, CODEC, INFO, METRICS, UPDATE, encode_records
+from fedpipe.strategy import CodecStrategy
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+KEY = X25519PrivateKey.generate()
+BIND = Binding(run_id=7, server_round=3, node_id=11)
+CODEC_8 = UniformCodec(8, chunk=64)
+UPDATE_1 = {"w": np.linspace(-1, 1, 300, dtype=np.float32).reshape(20, 15)}
+
+
+def _payload() -> Encoded:
+    return CODEC_8.encode(UPDATE_1, np.random.default_rng(0))
+
+
+def test_seal_round_trips_and_adds_48_bytes() -> None:
+    enc = _payload()
+    sealed = seal(enc, KEY.public_key(), BIND)
+    opened = open_sealed(sealed, KEY, BIND)
+    assert opened.meta == enc.meta and set(opened.arrays) == set(enc.arrays)
+    for name, arr in enc.arrays.items():
+        assert opened.arrays[name].dtype == arr.dtype
+        np.testing.assert_array_equal(opened.arrays[name], arr)
+    inner = sum(a.nbytes for a in enc.arrays.values())
+    header = len(sealed.arrays[SEALED]) - inner - 48  # 32-byte ephemeral key + 16-byte tag
+    assert 0 < header < 200  # names, dtypes and shapes of the inner arrays
+    assert not np.array_equal(
+        seal(enc, KEY.public_key(), BIND).arrays[SEALED], sealed.arrays[SEALED]
+    )
+
+
+def _flip(enc: Encoded, at: int) -> Encoded:
+    blob = enc.arrays[SEALED].copy()
+    blob[at] ^= 0x01
+    return Encoded({SEALED: blob}, dict(enc.meta))
+
+
+CASES: dict[str, Callable[[Encoded], tuple[Encoded, X25519PrivateKey, Binding]]] = {
+    "tampered-ephemeral-key": lambda e: (_flip(e, 3), KEY, BIND),
+    "tampered-ciphertext": lambda e: (_flip(e, 100), KEY, BIND),
+    "tampered-tag": lambda e: (_flip(e, len(e.arrays[SEALED]) - 1), KEY, BIND),
+    "truncated": lambda e: (Encoded({SEALED: e.arrays[SEALED][:-20]}, dict(e.meta)), KEY, BIND),
+    "truncated-to-nothing": lambda e: (
+        Encoded({SEALED: e.arrays[SEALED][:10]}, dict(e.meta)),
+        KEY,
+        BIND,
+    ),
+    "wrong-key": lambda e: (e, X25519PrivateKey.generate(), BIND),
+    "earlier-round": lambda e: (e, KEY, Binding(7, 4, 11)),
+    "other-node": lambda e: (e, KEY, Binding(7, 3, 12)),
+    "other-run": lambda e: (e, KEY, Binding(8, 3, 11)),
+    "relabelled-codec": lambda e: (Encoded(e.arrays, {**e.meta, "chunk": 32}), KEY, BIND),
+    "not-sealed": lambda e: (_payload(), KEY, BIND),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_open_rejects(case: str) -> None:
+    payload, key, binding = CASES[case](seal(_payload(), KEY.public_key(), BIND))
+    with pytest.raises(PayloadError):
+        open_sealed(payload, key, binding)
+
+
+# --- in a round: the strategy drops the bad replies and aggregates the honest ones ---------
+
+
+GLOBAL = {"w": np.zeros((20, 15), np.float32)}
+RUN = 5
+
+
+def _reply(msg: Message, enc: Encoded, cid: int) -> Message:
+    arrays, meta = encode_records(enc)
+    content = RecordDict(
+        {
+            UPDATE: arrays,
+            CODEC: meta,
+            METRICS: MetricRecord({"num-examples": 1}),
+            INFO: ConfigRecord({CLIENT_ID: cid}),
+        }
+    )
+    reply = Message(content, reply_to=msg)
+    return reply
+
+
+class Grid2:
+    """Nodes 1 and 2 are honest; node 3 attacks as told; round by round."""
+
+    def __init__(self, attack: str) -> None:
+        self.attack, self.round = attack, 0
+        self.kept: Encoded | None = None
+
+    def get_node_ids(self) -> list[int]:
+        return [1, 2, 3]
+
+    def _honest(self, node: int) -> Encoded:
+        return seal(_payload(), KEY.public_key(), Binding(RUN, self.round, node))
+
+    def send_and_receive(self, messages, timeout):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        if not messages:
+            return []
+        self.round += 1
+        out = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if node != 3:
+                out.append(_reply(m, self._honest(node), node))
+                continue
+            bad = self._bad(m)
+            out += bad
+        return out
+
+    def _bad(self, m: Message) -> list[Message]:
+        own = self._honest(3)
+        if self.attack == "replay-earlier-round":
+            if self.round == 1:
+                self.kept = own
+                return [_reply(m, own, 3)]
+            return [_reply(m, self.kept, 3)]  # type: ignore[arg-type]
+        if self.attack == "replay-other-node":
+            return [_reply(m, self._honest(1), 3)]
+        if self.attack == "second-reply":
+            return [_reply(m, own, 3), _reply(m, own, 3)]
+        if self.attack == "wrong-key":
+            return [
+                _reply(
+                    m,
+                    seal(
+                        _payload(),
+                        X25519PrivateKey.generate().public_key(),
+                        Binding(RUN, self.round, 3),
+                    ),
+                    3,
+                )
+            ]
+        if self.attack == "tampered":
+            return [_reply(m, _flip(own, 40), 3)]
+        if self.attack == "truncated":
+            return [_reply(m, Encoded({SEALED: own.arrays[SEALED][:60]}, dict(own.meta)), 3)]
+        raise AssertionError(self.attack)
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "replay-earlier-round",
+        "replay-other-node",
+        "second-reply",
+        "wrong-key",
+        "tampered",
+        "truncated",
+    ],
+)
+def test_round_completes_from_honest_clients(attack: str) -> None:
+    records: list[RoundRecord] = []
+    strategy = CodecStrategy(
+        FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
+        CODEC_8,
+        on_round_end=records.append,
+        opener=lambda enc, rnd, node: open_sealed(enc, KEY, Binding(RUN, rnd, node)),
+    )
+    result = strategy.start(
+        Grid2(attack),  # type: ignore[arg-type]
+        ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}),
+        num_rounds=2,
+        evaluate_fn=lambda rnd, arrays: MetricRecord({"accuracy": 0.5, "loss": 1.0}),
+    )
+    last = records[-1]
+    if attack == "replay-earlier-round":  # round 1 was honest; round 2 is the replay
+        assert (records[0].clients_replied, records[0].clients_failed) == (3, 0)
+    assert (last.clients_replied, last.clients_failed) == (2, 1)
+    assert last.clients_sampled == 3
+    # The honest updates arrived: after two rounds, global = 2 * the decoded update.
+    expected = 2 * CODEC_8.decode(_payload(), GLOBAL)["w"]
+    np.testing.assert_allclose(result.arrays["w"].numpy(), expected, atol=1e-6)
+
+
+# --- keys --------------------------------------------------------------------------------
+
+
+def test_aggregator_keys_are_private_and_pinned(tmp_path: Path) -> None:
+    private, public, fp = write_aggregator_keys(tmp_path)
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    key = load_aggregator_key(private)
+    assert fingerprint(load_public_key(public, pin=fp)) == fp == fingerprint(key.public_key())
+    other = tmp_path / "other"
+    write_aggregator_keys(other)
+    with pytest.raises(KeyMismatch, match="refusing"):
+        load_public_key(other / "aggregator.pub", pin=fp)
+    with pytest.raises(FileExistsError):
+        write_aggregator_keys(tmp_path)
+    assert b"PRIVATE" not in public.read_bytes()
