@@ -29,6 +29,7 @@ from fedpipe.records import (
     METRICS,
     NUM_EXAMPLES,
     SEAL_REQUIRED,
+    SEAL_SECONDS,
     SERVER_ROUND,
     TRAIN_SECONDS,
     UPDATE,
@@ -173,7 +174,9 @@ def client_train(
         encoded, residual = encode_with_feedback(codec, update, prior, rng)
     else:
         encoded = codec.encode(update, rng)
+    t_seal = time.perf_counter()
     encoded = _maybe_seal(encoded, msg, context, _seal_key(context, seal_key), server_round)
+    sealing = time.perf_counter() - t_seal
     arrays, meta = encode_records(encoded)
     t2 = time.perf_counter()
     _remember(context, server_round, residual)
@@ -186,7 +189,8 @@ def client_train(
                     NUM_EXAMPLES: result.num_examples,
                     "train_loss": result.loss,
                     TRAIN_SECONDS: t1 - t0,
-                    ENCODE_SECONDS: t2 - t1,  # delta, error feedback, codec, records
+                    ENCODE_SECONDS: t2 - t1,  # delta, error feedback, codec, seal, records
+                    SEAL_SECONDS: sealing,
                 }
             ),
             INFO: ConfigRecord({CLIENT_ID: cid}),

@@ -30,6 +30,7 @@ class RoundRecord:
     decode_seconds: float  # server side, all replies
     train_seconds: float  # local training, summed over the clients aggregated
     slowest_train_seconds: float = 0.0  # the straggler's local training time
+    crypto_seconds: float = 0.0  # sealing (clients, summed) + opening (server)
 
 
 def _mb(n: int) -> str:

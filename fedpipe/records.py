@@ -26,6 +26,7 @@ __all__ = [
     "NUM_EXAMPLES",
     "RUN_CONFIG_KEY",
     "SEAL_REQUIRED",
+    "SEAL_SECONDS",
     "SERVER_ROUND",
     "TRAIN_SECONDS",
     "UPDATE",
@@ -49,6 +50,7 @@ SERVER_ROUND = "server-round"  # injected by Flower strategies into CONFIG
 CLIENT_ID = "client-id"
 TRAIN_SECONDS = "train-seconds"  # client's local training time (METRICS)
 ENCODE_SECONDS = "encode-seconds"  # client's encode time (METRICS)
+SEAL_SECONDS = "seal-seconds"  # client's sealing time, part of ENCODE_SECONDS (METRICS)
 SEAL_REQUIRED = "seal"  # CONFIG: the aggregator accepts sealed updates only
 # Key in Flower's run config that carries the whole fedpipe config as TOML.
 RUN_CONFIG_KEY = "fedpipe-config"

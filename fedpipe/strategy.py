@@ -41,6 +41,7 @@ from fedpipe.records import (
     METRICS,
     NUM_EXAMPLES,
     SEAL_REQUIRED,
+    SEAL_SECONDS,
     TRAIN_SECONDS,
     decode_records,
     record_int,
@@ -118,6 +119,9 @@ def _check_metrics(content: RecordDict) -> MetricRecord:
     weight = metrics.get(NUM_EXAMPLES)
     if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
         raise PayloadError(f"{NUM_EXAMPLES}={weight!r} must be a positive number")
+    loss = metrics.get("train_loss")
+    if not isinstance(loss, int | float) or not math.isfinite(loss):
+        raise PayloadError(f"train_loss={loss!r} must be a finite number")
     return metrics
 
 
@@ -142,6 +146,7 @@ class _Round:
     encode_seconds: float = 0.0  # summed over accepted clients
     train_seconds: float = 0.0
     slowest_train_seconds: float = 0.0
+    crypto_seconds: float = 0.0  # server opening + accepted clients' sealing
     train_loss: float | None = None
 
 
@@ -212,12 +217,19 @@ class CodecStrategy(Strategy):
         metrics = _check_metrics(content)
         encoded = decode_records(content)
         if self.opener is not None:
-            encoded = self.opener(encoded, server_round, node)
+            t0 = time.perf_counter()
+            try:
+                encoded = self.opener(encoded, server_round, node)
+            finally:
+                self._round.crypto_seconds += time.perf_counter() - t0
         elif "seal" in encoded.meta:
             raise PayloadError("the update is sealed but this aggregator has security.seal off")
         update = self.codec.decode(encoded, like=self._global)
         check_update(update, self._global)
-        return RecordDict({ARRAYS: apply_update(self._global, update), METRICS: metrics})
+        # Only what Flower's strategies aggregate: devices running other fedpipe versions may
+        # report other metrics, and Flower refuses to average records with unequal keys.
+        kept = MetricRecord({k: metrics[k] for k in (NUM_EXAMPLES, "train_loss")})
+        return RecordDict({ARRAYS: apply_update(self._global, update), METRICS: kept})
 
     def _fail(self, node_id: int, reason: str) -> None:
         # Ray wraps a client's exception in a full traceback; its last line says why.
@@ -257,8 +269,9 @@ class CodecStrategy(Strategy):
                 continue
             finally:
                 self._round.decode_seconds += time.perf_counter() - t0
-            self._round.encode_seconds += _seconds(decoded, ENCODE_SECONDS)
-            trained = _seconds(decoded, TRAIN_SECONDS)
+            self._round.encode_seconds += _seconds(msg.content, ENCODE_SECONDS)
+            self._round.crypto_seconds += _seconds(msg.content, SEAL_SECONDS)
+            trained = _seconds(msg.content, TRAIN_SECONDS)
             self._round.train_seconds += trained
             self._round.slowest_train_seconds = max(self._round.slowest_train_seconds, trained)
             msg.content = decoded
@@ -314,6 +327,7 @@ class CodecStrategy(Strategy):
             decode_seconds=r.decode_seconds,
             train_seconds=r.train_seconds,
             slowest_train_seconds=r.slowest_train_seconds,
+            crypto_seconds=r.crypto_seconds,
         )
         if self.on_round_end is not None:
             self.on_round_end(rec)

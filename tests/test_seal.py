@@ -97,7 +97,7 @@ def _reply(msg: Message, enc: Encoded, cid: int) -> Message:
         {
             UPDATE: arrays,
             CODEC: meta,
-            METRICS: MetricRecord({"num-examples": 1}),
+            METRICS: MetricRecord({"num-examples": 1, "train_loss": 0.5}),
             INFO: ConfigRecord({CLIENT_ID: cid}),
         }
     )

@@ -191,6 +191,7 @@ BAD_CONTENT: dict[str, Callable[[], RecordDict]] = {
     "no-metrics": lambda: _without(METRICS),
     "zero-weight": lambda: _with_metrics(MetricRecord({"num-examples": 0})),
     "nan-weight": lambda: _with_metrics(MetricRecord({"num-examples": float("nan")})),
+    "no-train-loss": lambda: _with_metrics(MetricRecord({"num-examples": 1})),
 }
 
 
@@ -224,6 +225,19 @@ def test_round_without_valid_updates_keeps_the_model() -> None:
     arrays, rec = _run(lambda msg: Message(BAD_CONTENT["nan"](), reply_to=msg), [1, 2])
     np.testing.assert_array_equal(arrays["w"], GLOBAL["w"])
     assert rec.clients_failed == 2 and rec.train_loss is None
+
+
+def test_devices_reporting_other_metrics_are_still_aggregated() -> None:
+    # e.g. a device on another fedpipe version; Flower refuses unequal metric keys
+    def respond(msg: Message) -> Message | None:
+        reply = _honest_reply(msg)
+        if reply is not None and msg.metadata.dst_node_id == 2:
+            reply.content.metric_records[METRICS]["newer-metric"] = 1.0
+        return reply
+
+    arrays, rec = _run(respond, [1, 2])
+    np.testing.assert_allclose(arrays["w"], _expected_honest()["w"], rtol=1e-6)
+    assert rec.clients_replied == 2
 
 
 def test_aggregation_order_does_not_depend_on_arrival() -> None:

@@ -34,7 +34,7 @@ __all__ = [
     "seal",
 ]
 
-SUITE = "x25519-hkdf-sha256-aes256gcm-v1"
+SUITE = "x25519-hkdf-aesgcm-1"  # X25519, HKDF-SHA256, AES-256-GCM; version 1
 SEALED = "sealed"  # the one array of a sealed payload
 _EPK = 32
 _TAG = 16
@@ -86,7 +86,7 @@ def _keys(shared: bytes, epk: bytes, recipient: bytes) -> tuple[bytes, bytes]:
 def _pack(arrays: dict[str, np.ndarray]) -> bytes:
     """Arrays as one byte string: a JSON header (name, dtype, shape), then the raw data."""
     header = [[k, a.dtype.str, list(a.shape)] for k, a in arrays.items()]
-    head = json.dumps(header).encode()
+    head = json.dumps(header, separators=(",", ":")).encode()
     body = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays.values())
     return len(head).to_bytes(4, "little") + head + body
 
