@@ -2,7 +2,8 @@
 
     python benchmarks/deployment.py [--rounds 6] [--clients 3]
 
-Both run on 127.0.0.1 with TLS, a SuperLink and one SuperNode per device, the embedded
+Both run on 127.0.0.1 with TLS (fedpipe also seals every update, its deployment default),
+a SuperLink and one SuperNode per device, the embedded
 digits data split into the same per-device shard files, the same MLP, one local epoch.
 Per round: wall time, and overhead = wall time minus the slowest client's training time
 (what the framework costs around the work). Round 1 includes devices connecting and is
@@ -25,6 +26,7 @@ import tomli_w
 
 from fedpipe.config import load_config
 from fedpipe.crypto import write_certs
+from fedpipe.crypto.keys import write_aggregator_keys
 from fedpipe.data import write_shards
 from fedpipe.deploy.coordinator import CONNECTION, CoordinatorOptions, run_coordinator
 from fedpipe.deploy.processes import Child, flower_env, free_port, wait_for_port
@@ -46,10 +48,15 @@ def _clients(tmp: Path, n: int, port: int, certs: Path, plain: bool) -> list[Chi
             argv += ["--root-certificates", str(certs / "ca.crt"), "--port", str(free_port())]
             argv += ["--node-config", f'client-id={i} data-path="{shard}"']
             env = flower_env(state)
-        else:
+        else:  # fedpipe-client, updates sealed to the aggregator (the deployment default)
             argv = [sys.executable, "-m", "fedpipe.cli.client", "--superlink", f"127.0.0.1:{port}"]
             argv += ["--root-certificates", str(certs / "ca.crt"), "--data", str(shard)]
-            argv += ["--state-dir", str(state)]
+            argv += [
+                "--state-dir",
+                str(state),
+                "--aggregator-key",
+                str(tmp / "keys" / "aggregator.pub"),
+            ]
             env = flower_env(state)
         out.append(Child(f"device-{i}", argv, env, state / "device.log"))
     return out
@@ -116,7 +123,8 @@ def _fedpipe(tmp: Path, certs: Path, rounds: int, n: int) -> list[dict[str, Any]
         ],
     )
     port = free_port()
-    opts = CoordinatorOptions(port=port, certs=certs, echo=lambda line: None)
+    seal_key = tmp / "keys" / "aggregator.key"
+    opts = CoordinatorOptions(port=port, certs=certs, seal_key=seal_key, echo=lambda line: None)
     clients = _clients(tmp, n, port, certs, plain=False)
     try:
         result = run_coordinator(cfg, opts)
@@ -153,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         certs = write_certs(tmp / "certs", ["127.0.0.1", "localhost"]).folder
+        write_aggregator_keys(tmp / "keys")
         cfg = load_config(None, [f"partition.num_clients={args.clients}"])
         write_shards(cfg.data, cfg.partition, cfg.seed, tmp / "shards")
         runs = {
