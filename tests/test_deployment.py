@@ -236,7 +236,11 @@ class Recorder:
                 down, _ = self.server.accept()
             except OSError:
                 return
-            up = socket.create_connection(("127.0.0.1", self.target))
+            try:
+                up = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:  # the SuperLink is gone (between runs): refuse this device too
+                down.close()
+                continue
             for a, b in ((down, up), (up, down)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
