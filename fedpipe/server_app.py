@@ -32,6 +32,16 @@ __all__ = ["make_server_app", "run_server"]
 log = logging.getLogger(__name__)
 
 
+def _report(run_dir: Path) -> None:
+    """The run's report.html and plots; a failure here never fails the run."""
+    try:
+        from fedpipe.report import write_report
+
+        write_report([run_dir], force=True)
+    except Exception as exc:  # noqa: BLE001 - plotting must not lose a finished run
+        log.warning("could not write the report for %s: %s", run_dir, exc)
+
+
 def _opener(run_id: int, key: X25519PrivateKey) -> Opener:
     def open_payload(encoded: Encoded, server_round: int, node: int) -> Encoded:
         return open_sealed(encoded, key, Binding(run_id, server_round, node))
@@ -105,6 +115,7 @@ def run_server(
     save_model(run_dir / MODEL_FILE, model, cfg, data.input_shape, data.num_classes)
     summary = metrics.summary(time.perf_counter() - t0)
     write_json(run_dir / SUMMARY_FILE, summary)
+    _report(run_dir)
     return summary
 
 

@@ -48,6 +48,23 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from fedpipe.report import write_report
+
+    out = Path(args.out) if args.out else None
+    print(write_report([Path(d) for d in args.runs], out, force=args.force))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fedpipe.export import export_run, markdown_table
+
+    rows = export_run(Path(args.run), force=args.force, threads=args.threads)
+    print(markdown_table(rows), end="")
+    print(f"-> {Path(args.run) / 'export'}")
+    return 0
+
+
 def _partition(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     paths = write_shards(cfg.data, cfg.partition, cfg.seed, Path(args.out), force=args.force)
@@ -85,6 +102,18 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--force", action="store_true", help="replace existing files")
     k.set_defaults(handler=_node_key)
 
+    r = sub.add_parser("report", help="plots and an HTML page for one or more runs")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="several runs are overlaid")
+    r.add_argument("--out", help="output folder (default: <first run>/report)")
+    r.add_argument("--force", action="store_true", help="overwrite an existing report")
+    r.set_defaults(handler=_report)
+
+    e = sub.add_parser("export", help="TorchScript float32 and int8 models, checked and timed")
+    e.add_argument("run", metavar="RUN_DIR")
+    e.add_argument("--threads", type=int, default=1, help="CPU threads for the timings")
+    e.add_argument("--force", action="store_true", help="overwrite <run>/export")
+    e.set_defaults(handler=_export)
+
     s = sub.add_parser("partition", help="write one shard file per device from a dataset")
     s.add_argument("--config", help="run config naming data and partition")
     s.add_argument("--out", required=True, help="folder for client-<i>.npz")
@@ -99,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
-    except (ConfigError, DatasetNotFoundError, FileExistsError, ValueError) as exc:
+    except (ConfigError, DatasetNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
         print(f"fedpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
 

@@ -1,0 +1,182 @@
+"""From a run to deployable models: TorchScript float32, int8 for CPU, ONNX if available.
+
+Each artifact is checked against the float32 model on the test set (accuracy, largest
+logit difference) and measured on this CPU (file size, batch-1 latency, batch-64
+throughput). int8 uses static post-training quantization (PyTorch's FX graph mode, x86
+engine): convolutions and linear layers run in int8, calibrated on training examples.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedpipe.config import ConfigError, RunConfig, config_from_dict
+from fedpipe.data import Split, load_dataset
+from fedpipe.models import build_model
+from fedpipe.rundir import CONFIG_FILE, MODEL_FILE
+
+__all__ = ["ExportError", "ExportRow", "export_run", "load_run_model"]
+
+EXPORT_DIR = "export"
+Module = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ExportError(RuntimeError):
+    """The run directory cannot be exported; the message says what is wrong or missing."""
+
+
+@dataclass(frozen=True)
+class ExportRow:
+    artifact: str
+    path: str
+    size_bytes: int
+    accuracy: float
+    max_logit_diff: float
+    latency_ms_batch1: float
+    throughput_batch64: float  # examples per second
+
+
+def load_run_model(run_dir: Path) -> tuple[nn.Module, RunConfig, tuple[int, ...]]:
+    """The final global model of a run, rebuilt from the config stored with it."""
+    missing = [n for n in (MODEL_FILE, CONFIG_FILE) if not (run_dir / n).is_file()]
+    if missing:
+        raise ExportError(f"{run_dir} is not a complete run directory: missing {missing}")
+    saved = torch.load(run_dir / MODEL_FILE, map_location="cpu", weights_only=True)
+    try:
+        cfg = config_from_dict(saved["config"])
+        shape = tuple(int(d) for d in saved["input_shape"])
+        model = build_model(cfg.model, shape, int(saved["num_classes"]))
+        model.load_state_dict(saved["state_dict"])
+    except (KeyError, ConfigError, RuntimeError) as exc:
+        raise ExportError(f"{run_dir / MODEL_FILE} does not match its config: {exc}") from exc
+    return model.eval(), cfg, shape
+
+
+def _int8(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    with warnings.catch_warnings():  # torch.ao announces its move to torchao
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (calibration[:1],))
+        with torch.no_grad():
+            for start in range(0, len(calibration), 64):
+                prepared(calibration[start : start + 64])
+        quantized: nn.Module = convert_fx(prepared)
+    return quantized
+
+
+@torch.no_grad()
+def _check(fn: Module, reference: Module, test: Split) -> tuple[float, float]:
+    correct, diff = 0, 0.0
+    for start in range(0, len(test), 512):
+        x = test.x[start : start + 512]
+        logits = fn(x).float()
+        diff = max(diff, float((logits - reference(x).float()).abs().max()))
+        correct += int((logits.argmax(1) == test.y[start : start + 512]).sum())
+    return correct / len(test), diff
+
+
+@torch.no_grad()
+def _speed(fn: Module, x1: torch.Tensor, x64: torch.Tensor) -> tuple[float, float]:
+    def median(x: torch.Tensor, reps: int) -> float:
+        for _ in range(5):
+            fn(x)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return 1e3 * median(x1, 200), len(x64) / median(x64, 30)
+
+
+def _torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> Module:
+    """Trace, save, and load back what a device would load."""
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example)  # type: ignore[no-untyped-call]
+    traced.save(str(path))
+    loaded: Module = torch.jit.load(str(path))  # type: ignore[no-untyped-call]
+    return loaded
+
+
+def _onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Module | None:
+    """ONNX through onnxruntime when both are installed (optional dependencies)."""
+    try:
+        import onnx  # type: ignore[import-not-found]  # noqa: F401
+        import onnxruntime as ort  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    torch.onnx.export(model, (example,), str(path), input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+
+
+def export_run(run_dir: Path, force: bool = False, threads: int = 1) -> list[ExportRow]:
+    """Write `<run>/export/` (artifacts, export.json, export.md); refuse to overwrite."""
+    model, cfg, shape = load_run_model(run_dir)
+    out = run_dir / EXPORT_DIR
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ExportError(f"{out} exists; pass --force to overwrite it")
+    out.mkdir(exist_ok=True)
+    data = load_dataset(cfg.data)
+    if tuple(data.input_shape) != shape or len(data.test) == 0:
+        raise ExportError(f"the run's dataset {data.name!r} does not fit the model {shape}")
+    torch.set_num_threads(threads)
+    example = data.test.x[:1]
+    x64 = data.test.x[:64].repeat(-(-64 // max(len(data.test), 1)), *[1] * len(shape))[:64]
+    candidates: dict[str, tuple[Path, Module]] = {
+        "torchscript-fp32": (
+            out / "model_fp32.pt",
+            _torchscript(model, example, out / "model_fp32.pt"),
+        ),
+        "torchscript-int8": (
+            out / "model_int8.pt",
+            _torchscript(_int8(model, data.train.x[:2048]), example, out / "model_int8.pt"),
+        ),
+    }
+    onnx_fn = _onnx(model, example, out / "model.onnx")
+    if onnx_fn is not None:
+        candidates["onnx-fp32"] = (out / "model.onnx", onnx_fn)
+    rows = []
+    for name, (path, fn) in candidates.items():
+        acc, diff = _check(fn, model, data.test)
+        latency, throughput = _speed(fn, example, x64)
+        rows.append(ExportRow(name, path.name, path.stat().st_size, acc, diff, latency, throughput))
+    _write_reports(out, rows, threads)
+    return rows
+
+
+def markdown_table(rows: list[ExportRow]) -> str:
+    base = rows[0]
+    lines = [
+        "| artifact | size | vs fp32 | test acc | max logit diff | batch-1 ms | speed-up "
+        "| batch-64 ex/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.artifact} | {r.size_bytes / 1e6:.2f} MB | {base.size_bytes / r.size_bytes:.1f}x "
+            f"smaller | {r.accuracy:.4f} | {r.max_logit_diff:.4f} | {r.latency_ms_batch1:.3f} | "
+            f"{base.latency_ms_batch1 / r.latency_ms_batch1:.1f}x | {r.throughput_batch64:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _write_reports(out: Path, rows: list[ExportRow], threads: int) -> None:
+    info: dict[str, Any] = {"threads": threads, "torch": torch.__version__}
+    (out / "export.json").write_text(
+        json.dumps({**info, "artifacts": [asdict(r) for r in rows]}, indent=2) + "\n"
+    )
+    (out / "export.md").write_text(markdown_table(rows))

@@ -1,0 +1,96 @@
+"""fedpipe report and fedpipe export on a tiny real run (in-process rounds, real training)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+import torch
+from test_resume import InProcessGrid
+
+from fedpipe.cli.main import main as fedpipe_main
+from fedpipe.config import load_config
+from fedpipe.data import load_dataset
+from fedpipe.export import ExportError, export_run, load_run_model
+from fedpipe.report import ReportError, write_report
+from fedpipe.rundir import create_run_dir
+from fedpipe.server_app import run_server
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two finished runs (float32 and int4 updates) of 3 rounds on the digits data."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    out = []
+    for scheme in ("float32", "int4"):
+        cfg = load_config(
+            None,
+            [
+                f"output_dir='{tmp_path_factory.mktemp(scheme)}'",
+                "partition.num_clients=3",
+                "federation.rounds=3",
+                "federation.min_nodes=3",
+                f"codec.scheme='{scheme}'",
+            ],
+        )  # the default MLP (64 hidden), 3 local epochs
+        run_dir = create_run_dir(cfg)
+        run_server(InProcessGrid(cfg), cfg, run_dir)  # type: ignore[arg-type]
+        out.append(run_dir)
+    return out
+
+
+def test_a_finished_run_has_its_report(runs: list[Path]) -> None:
+    assert (runs[0] / "report" / "report.html").is_file()  # written at the end of the run
+
+
+def test_report_overlays_runs_with_decodable_plots(runs: list[Path], tmp_path: Path) -> None:
+    page = write_report(runs, out=tmp_path / "cmp")
+    pngs = sorted((tmp_path / "cmp").glob("*.png"))
+    assert {p.stem for p in pngs} >= {"accuracy", "bytes", "clients"}
+    for png in pngs:
+        image = mpimg.imread(png)
+        assert image.shape[0] > 200 and image.shape[1] > 500
+    text = page.read_text()
+    assert len(re.findall(r'src="data:image/png;base64,', text)) == len(pngs)  # self-contained
+    assert runs[0].name in text and runs[1].name in text and "int4" in text
+    assert "final_accuracy" in text and "codec.scheme" in text
+    with pytest.raises(ReportError, match="--force"):
+        write_report(runs, out=tmp_path / "cmp")
+    assert fedpipe_main(["report", str(tmp_path / "nothing")]) == 1
+
+
+def test_export_round_trips_and_int8_keeps_accuracy(runs: list[Path]) -> None:
+    rows = {r.artifact: r for r in export_run(runs[0])}
+    fp32, int8 = rows["torchscript-fp32"], rows["torchscript-int8"]
+    model, cfg, _ = load_run_model(runs[0])
+    test = load_dataset(cfg.data).test
+    scripted = torch.jit.load(str(runs[0] / "export" / "model_fp32.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(test.x), model(test.x), rtol=1e-5, atol=1e-5)
+    assert fp32.max_logit_diff < 1e-4
+    assert abs(int8.accuracy - fp32.accuracy) <= 0.01
+    assert int8.size_bytes < fp32.size_bytes
+    assert (runs[0] / "export" / "export.json").is_file()
+    assert "torchscript-int8" in (runs[0] / "export" / "export.md").read_text()
+    with pytest.raises(ExportError, match="--force"):
+        export_run(runs[0])
+
+
+def test_export_refuses_incomplete_or_mismatched_runs(runs: list[Path], tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="missing"):
+        export_run(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.toml").write_text((runs[1] / "config.toml").read_text())
+    saved = torch.load(runs[1] / "model.pt", weights_only=True)
+    saved["config"]["model"]["hidden"] = 7  # the weights no longer fit the config
+    torch.save(saved, broken / "model.pt")
+    with pytest.raises(ExportError, match="does not match"):
+        export_run(broken)
+    assert fedpipe_main(["export", str(broken)]) == 1
