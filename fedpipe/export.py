@@ -153,9 +153,14 @@ def export_run(run_dir: Path, force: bool = False, threads: int = 1) -> list[Exp
     for name, (path, fn) in candidates.items():
         acc, diff = _check(fn, model, data.test)
         latency, throughput = _speed(fn, example, x64)
-        rows.append(ExportRow(name, path.name, path.stat().st_size, acc, diff, latency, throughput))
+        rows.append(ExportRow(name, path.name, _size(path), acc, diff, latency, throughput))
     _write_reports(out, rows, threads)
     return rows
+
+
+def _size(path: Path) -> int:
+    """Bytes of an artifact, with its side files (ONNX may keep weights in <name>.data)."""
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
 
 
 def markdown_table(rows: list[ExportRow]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -50,17 +51,27 @@ def progress_line(rec: RoundRecord, total_rounds: int) -> str:
 class MetricsLog:
     """Appends each round to `path` as it finishes, so a killed run keeps what it did."""
 
-    def __init__(self, path: Path, total_rounds: int, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        total_rounds: int,
+        stream: TextIO | None = None,
+        view: Callable[[RoundRecord], None] | None = None,
+    ) -> None:
         self.path = path
         self.total_rounds = total_rounds
         self.stream = stream if stream is not None else sys.stdout
+        self.view = view  # e.g. RoundProgress.update; default: one printed line per round
         self.records: list[RoundRecord] = []
 
     def write(self, rec: RoundRecord) -> None:
         self.records.append(rec)
         with self.path.open("a") as f:
             f.write(json.dumps(dataclasses.asdict(rec)) + "\n")
-        print(progress_line(rec, self.total_rounds), file=self.stream, flush=True)
+        if self.view is not None:
+            self.view(rec)
+        else:
+            print(progress_line(rec, self.total_rounds), file=self.stream, flush=True)
 
     def keep_until(self, last_round: int) -> None:
         """Resume: keep the records of rounds <= last_round (the checkpoint's), drop the rest.

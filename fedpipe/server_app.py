@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -21,6 +22,7 @@ from fedpipe.data import load_dataset
 from fedpipe.grid import BoundedGrid
 from fedpipe.metrics import MetricsLog
 from fedpipe.models import build_model
+from fedpipe.progress import RoundProgress
 from fedpipe.records import config_from_run_config
 from fedpipe.rundir import METRICS_FILE, MODEL_FILE, SUMMARY_FILE, save_model, write_json
 from fedpipe.seed import set_seed
@@ -30,6 +32,16 @@ from fedpipe.training import evaluate
 __all__ = ["make_server_app", "run_server"]
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _closing(view: RoundProgress) -> Iterator[None]:
+    """The live bar ends with the rounds, however they end (a bar left running hides the
+    terminal's cursor)."""
+    try:
+        yield
+    finally:
+        view.close()
 
 
 def _report(run_dir: Path) -> None:
@@ -69,7 +81,8 @@ def run_server(
         raise ValueError(f"dataset {data.name!r} has no test split for centralized evaluation")
     model = build_model(cfg.model, data.input_shape, data.num_classes)  # seeded init
     inner = build_strategy(cfg.federation)
-    metrics = MetricsLog(run_dir / METRICS_FILE, cfg.federation.rounds)
+    view = RoundProgress(cfg.federation.rounds, tensorboard_dir=run_dir / "tensorboard")
+    metrics = MetricsLog(run_dir / METRICS_FILE, cfg.federation.rounds, view=view.update)
     done = 0
     if resume:
         ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
@@ -98,19 +111,20 @@ def run_server(
         opener=_opener(*seal) if seal is not None else None,
     )
     if done < cfg.federation.rounds:
-        result = strategy.start(
-            BoundedGrid(
-                grid,
-                cfg.federation.min_nodes,
-                cfg.federation.wait_for_nodes,
-                cfg.federation.poll_interval,
-            ),  # type: ignore[arg-type]
-            ArrayRecord(model.state_dict()),
-            num_rounds=cfg.federation.rounds - done,
-            timeout=cfg.federation.round_timeout,
-            train_config=ConfigRecord(),
-            evaluate_fn=central_evaluate,
-        )
+        with _closing(view):
+            result = strategy.start(
+                BoundedGrid(
+                    grid,
+                    cfg.federation.min_nodes,
+                    cfg.federation.wait_for_nodes,
+                    cfg.federation.poll_interval,
+                ),  # type: ignore[arg-type]
+                ArrayRecord(model.state_dict()),
+                num_rounds=cfg.federation.rounds - done,
+                timeout=cfg.federation.round_timeout,
+                train_config=ConfigRecord(),
+                evaluate_fn=central_evaluate,
+            )
         model.load_state_dict(result.arrays.to_torch_state_dict())
     save_model(run_dir / MODEL_FILE, model, cfg, data.input_shape, data.num_classes)
     summary = metrics.summary(time.perf_counter() - t0)

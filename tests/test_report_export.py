@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from fedpipe.cli.main import main as fedpipe_main
 from fedpipe.config import load_config
 from fedpipe.data import load_dataset
 from fedpipe.export import ExportError, export_run, load_run_model
+from fedpipe.metrics import RoundRecord
+from fedpipe.progress import RoundProgress
 from fedpipe.report import ReportError, write_report
 from fedpipe.rundir import create_run_dir
 from fedpipe.server_app import run_server
@@ -94,3 +97,24 @@ def test_export_refuses_incomplete_or_mismatched_runs(runs: list[Path], tmp_path
     with pytest.raises(ExportError, match="does not match"):
         export_run(broken)
     assert fedpipe_main(["export", str(broken)]) == 1
+
+
+def _record(rnd: int) -> RoundRecord:
+    return RoundRecord(
+        round=rnd, accuracy=0.5 + rnd / 10, loss=1.0, train_loss=1.0, clients_sampled=3,
+        clients_replied=3, clients_failed=0, bytes_up=2_000_000, bytes_down=1_000_000,
+        seconds=1.0, bits_per_param_up=8.0, encode_seconds=0.0, decode_seconds=0.0,
+        train_seconds=1.0,
+    )  # fmt: skip
+
+
+def test_live_view_is_a_bar_on_a_terminal_and_lines_elsewhere() -> None:
+    bar, lines = io.StringIO(), io.StringIO()
+    live, plain = RoundProgress(2, bar, live=True), RoundProgress(2, lines, live=False)
+    for rnd in (1, 2):
+        live.update(_record(rnd))
+        plain.update(_record(rnd))
+    live.close()
+    assert "2/2" in bar.getvalue() and "acc 0.7000" in bar.getvalue()
+    assert "up 4.0 MB down 2.0 MB" in bar.getvalue()  # cumulative
+    assert lines.getvalue().count("\n") == 2 and "round   2/2 | acc 0.7000" in lines.getvalue()

@@ -13,7 +13,7 @@ import logging
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from fedpipe.config import RunConfig, config_from_toml, config_to_toml
 from fedpipe.crypto.keys import load_aggregator_key
 from fedpipe.deploy.processes import Child, flower_env, wait_for_port
 from fedpipe.metrics import RoundRecord, progress_line, read_metrics
+from fedpipe.progress import RoundProgress
 from fedpipe.records import RUN_CONFIG_KEY
 from fedpipe.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, create_run_dir
 from fedpipe.server_app import SEAL_KEY_FILE
@@ -50,7 +51,8 @@ class CoordinatorOptions:
     seal_key: Path | None = None  # the aggregator's private key (`fedpipe keys`)
     start_timeout: float = 60.0
     # Progress lines go here; tests collect them.
-    echo: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
+    # Where progress goes: None = the live view (a bar on a terminal, lines otherwise).
+    echo: Callable[[str], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -204,17 +206,22 @@ def _check_seal_key(cfg: RunConfig, opts: CoordinatorOptions) -> None:
 
 
 class _Progress:
-    """Echo each new line of metrics.jsonl as a progress line."""
+    """Show each new round of metrics.jsonl: `echo` a line, or the live view's bar."""
 
-    def __init__(self, path: Path, total: int, echo: Callable[[str], None]) -> None:
-        self.path, self.total, self.echo, self.seen = path, total, echo, 0
+    def __init__(
+        self, path: Path, total: int, echo: Callable[[str], None] | None, view: RoundProgress
+    ) -> None:
+        self.path, self.total, self.echo, self.view, self.seen = path, total, echo, view, 0
 
     def poll(self) -> None:
         if not self.path.exists():
             return
         records = read_metrics(self.path)
         for rec in records[self.seen :]:
-            self.echo(progress_line(RoundRecord(**rec), self.total))
+            if self.echo is not None:
+                self.echo(progress_line(RoundRecord(**rec), self.total))
+            else:
+                self.view.update(RoundRecord(**rec))
         self.seen = max(self.seen, len(records))
 
 
@@ -249,9 +256,8 @@ def run_coordinator(
         )
         _register_nodes(home, opts.node_keys)
         run_id = _submit(home, app, cfg, run_dir, resume_dir is not None, opts.seal_key)
-        opts.echo(
-            f"run {run_id} submitted; devices connect to {opts.host}:{opts.port} -> {run_dir}"
-        )
+        say = opts.echo or (lambda line: print(line, flush=True))
+        say(f"run {run_id} submitted; devices connect to {opts.host}:{opts.port} -> {run_dir}")
         status, details = _follow(home, run_id, run_dir, cfg, superlink, opts.echo)
     finally:
         superlink.stop()
@@ -267,11 +273,26 @@ def _follow(
     run_dir: Path,
     cfg: RunConfig,
     superlink: Child,
-    echo: Callable[[str], None],
+    echo: Callable[[str], None] | None,
 ) -> tuple[str, str]:
     """Until the run finishes. `flwr ls` starts a Python process, so it is asked every few
     seconds, or at once when the ServerApp has written its summary."""
-    progress = _Progress(run_dir / METRICS_FILE, cfg.federation.rounds, echo)
+    view = RoundProgress(cfg.federation.rounds)
+    try:
+        return _watch(
+            home,
+            run_id,
+            run_dir,
+            superlink,
+            _Progress(run_dir / METRICS_FILE, cfg.federation.rounds, echo, view),
+        )
+    finally:
+        view.close()
+
+
+def _watch(
+    home: Path, run_id: int, run_dir: Path, superlink: Child, progress: _Progress
+) -> tuple[str, str]:
     next_check = time.monotonic() + STATUS_EVERY
     while True:
         progress.poll()
