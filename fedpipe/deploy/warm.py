@@ -113,6 +113,7 @@ def serve(socket_path: Path) -> None:
     socket_path.unlink(missing_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(socket_path))
+    os.chmod(socket_path, 0o600)  # only this user may ask for a ClientApp process
     server.listen(64)
     print(f"warm ClientApp zygote ready on {socket_path}", flush=True)
     while True:
