@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from pathlib import Path
+from uuid import uuid4
 
 import numpy as np
 import pytest
@@ -22,10 +24,14 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class InProcessGrid:
-    """Delivers each training message to the real client_train of node i (client i-1)."""
+    """Delivers each training message to the real client_train of node i (client i-1).
+
+    Implements Grid's push/pull pair, so fedpipe's own reply polling (BoundedGrid) runs.
+    """
 
     def __init__(self, cfg: RunConfig, crash_in_round: int | None = None) -> None:
         self.cfg, self.crash_in_round, self.calls = cfg, crash_in_round, 0
+        self.replies: dict[str, Message] = {}
         n = cfg.partition.num_clients
         self.contexts = {
             i + 1: Context(
@@ -41,12 +47,21 @@ class InProcessGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
         messages = list(messages)
         self.calls += bool(messages)  # Flower also sends an empty evaluation batch
         if messages and self.calls == self.crash_in_round:
             raise KeyboardInterrupt("coordinator killed")
-        return [client_train(m, self.contexts[m.metadata.dst_node_id], self.cfg) for m in messages]
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = uuid4().hex  # as Flower's InMemoryGrid does
+            reply = client_train(m, self.contexts[m.metadata.dst_node_id], self.cfg)
+            self.replies[m.metadata.message_id] = reply
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
 def _cfg(tmp_path: Path) -> RunConfig:
@@ -114,11 +129,38 @@ class _Nodes:
         return list(range(self.n))
 
 
+class _Silent:
+    """Node 3 never answers; the others answer at once."""
+
+    def __init__(self) -> None:
+        self.pulls = 0
+
+    def push_messages(self, messages: Iterable[str]) -> list[str]:
+        return list(messages)
+
+    def pull_messages(self, ids: Iterable[str]) -> list[Message]:
+        self.pulls += 1
+        return [_Reply(i) for i in ids if i != "to-3"]  # type: ignore[misc]
+
+
+class _Reply:
+    def __init__(self, to: str) -> None:
+        self.metadata = type("M", (), {"reply_to_message_id": to})()
+
+
+def test_bounded_grid_returns_what_arrived_by_the_round_timeout() -> None:
+    grid = BoundedGrid(_Silent(), min_nodes=1, wait_s=60, poll_s=0.02)  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    got = grid.send_and_receive(["to-1", "to-2", "to-3"], timeout=0.3)  # type: ignore[list-item]
+    waited = time.monotonic() - t0
+    assert sorted(r.metadata.reply_to_message_id for r in got) == ["to-1", "to-2"]
+    assert 0.3 <= waited < 2.0  # bounded by the round timeout, not Flower's 3 s polls
+    assert grid._grid.pulls > 5  # type: ignore[attr-defined]  # polled, not slept through
+
+
 def test_bounded_grid_gives_up_on_missing_devices() -> None:
     grid = BoundedGrid(_Nodes(1), min_nodes=2, wait_s=0.05)  # type: ignore[arg-type]
     assert list(grid.get_node_ids()) == [0]  # starts the clock
-    import time
-
     time.sleep(0.1)
     with pytest.raises(NotEnoughNodes, match="federation.min_nodes=2"):
         grid.get_node_ids()
