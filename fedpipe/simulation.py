@@ -11,6 +11,7 @@ from typing import Any
 
 from fedpipe.config import RunConfig
 from fedpipe.data import label_histograms, load_dataset, partition_indices
+from fedpipe.deploy.processes import OFFLINE_ENV
 from fedpipe.rundir import PARTITION_FILE, SUMMARY_FILE, create_run_dir, write_json
 
 __all__ = ["RunFailed", "SimulationResult", "offline_env", "quiet_flower", "run_simulation"]
@@ -18,7 +19,6 @@ __all__ = ["RunFailed", "SimulationResult", "offline_env", "quiet_flower", "run_
 log = logging.getLogger(__name__)
 
 # Flower phones home unless told not to; everything fedpipe starts inherits this.
-OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
 class RunFailed(RuntimeError):

@@ -32,6 +32,7 @@ from flwr.serverapp.strategy import (
 
 from fedpipe.codec import Codec, Encoded, PayloadError, Update, check_update
 from fedpipe.config import FederationConfig
+from fedpipe.crypto.seal import SEAL_META
 from fedpipe.metrics import RoundRecord
 from fedpipe.records import (
     ARRAYS,
@@ -222,7 +223,7 @@ class CodecStrategy(Strategy):
                 encoded = self.opener(encoded, server_round, node)
             finally:
                 self._round.crypto_seconds += time.perf_counter() - t0
-        elif "seal" in encoded.meta:
+        elif SEAL_META in encoded.meta:
             raise PayloadError("the update is sealed but this aggregator has security.seal off")
         update = self.codec.decode(encoded, like=self._global)
         check_update(update, self._global)

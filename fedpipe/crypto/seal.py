@@ -26,6 +26,7 @@ from fedpipe.codec import Encoded, PayloadError
 
 __all__ = [
     "SEALED",
+    "SEAL_META",
     "SUITE",
     "Binding",
     "fingerprint",
@@ -36,6 +37,7 @@ __all__ = [
 
 SUITE = "x25519-hkdf-aesgcm-1"  # X25519, HKDF-SHA256, AES-256-GCM; version 1
 SEALED = "sealed"  # the one array of a sealed payload
+SEAL_META = "seal"  # metadata key naming the suite of a sealed payload
 _EPK = 32
 _TAG = 16
 _INFO = b"fedpipe seal " + SUITE.encode()
@@ -119,13 +121,13 @@ def seal(encoded: Encoded, recipient: X25519PublicKey, binding: Binding) -> Enco
     meta = dict(encoded.meta)
     box = AESGCM(key).encrypt(nonce, _pack(encoded.arrays), _aad(binding, meta, to))
     sealed = np.frombuffer(epk + box, np.uint8)
-    return Encoded({SEALED: sealed}, {**meta, "seal": SUITE})
+    return Encoded({SEALED: sealed}, {**meta, SEAL_META: SUITE})
 
 
 def open_sealed(encoded: Encoded, private: X25519PrivateKey, binding: Binding) -> Encoded:
     """The inner payload, or PayloadError: tampered, truncated, wrong key or wrong binding."""
     meta = dict(encoded.meta)
-    if meta.pop("seal", None) != SUITE:
+    if meta.pop(SEAL_META, None) != SUITE:
         raise PayloadError(f"payload is not sealed with {SUITE}; this aggregator requires it")
     if set(encoded.arrays) != {SEALED}:
         raise PayloadError(f"sealed payload must hold exactly the array {SEALED!r}")
