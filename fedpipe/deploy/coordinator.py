@@ -22,7 +22,7 @@ import tomli_w
 from fedpipe.config import RunConfig, config_from_toml, config_to_toml
 from fedpipe.crypto.keys import load_aggregator_key
 from fedpipe.deploy.processes import Child, flower_env, wait_for_port
-from fedpipe.metrics import RoundRecord, progress_line, read_metrics
+from fedpipe.metrics import RoundRecord, progress_line
 from fedpipe.progress import RoundProgress
 from fedpipe.records import RUN_CONFIG_KEY
 from fedpipe.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, create_run_dir
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 CONNECTION = "fedpipe"  # connection name in FLWR_HOME/config.toml
 APP_NAME = "fedpipe-run"
 STATUS_EVERY = 5.0  # seconds between `flwr ls` calls while a run is going
+STATUS_SOON = 0.5  # ... and once the ServerApp has written its summary
 
 
 class DeployError(RuntimeError):
@@ -211,18 +212,23 @@ class _Progress:
     def __init__(
         self, path: Path, total: int, echo: Callable[[str], None] | None, view: RoundProgress
     ) -> None:
-        self.path, self.total, self.echo, self.view, self.seen = path, total, echo, view, 0
+        self.path, self.total, self.echo, self.view, self.offset = path, total, echo, view, 0
 
     def poll(self) -> None:
+        """Only the complete lines appended since the last poll are read."""
         if not self.path.exists():
             return
-        records = read_metrics(self.path)
-        for rec in records[self.seen :]:
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        done = data[: data.rfind(b"\n") + 1]
+        self.offset += len(done)
+        for line in done.splitlines():
+            rec = RoundRecord(**json.loads(line))
             if self.echo is not None:
-                self.echo(progress_line(RoundRecord(**rec), self.total))
+                self.echo(progress_line(rec, self.total))
             else:
-                self.view.update(RoundRecord(**rec))
-        self.seen = max(self.seen, len(records))
+                self.view.update(rec)
 
 
 def run_coordinator(
@@ -293,15 +299,17 @@ def _follow(
 def _watch(
     home: Path, run_id: int, run_dir: Path, superlink: Child, progress: _Progress
 ) -> tuple[str, str]:
-    next_check = time.monotonic() + STATUS_EVERY
+    last_check = time.monotonic()
     while True:
         progress.poll()
         if superlink.poll() is not None:
             raise DeployError(f"SuperLink exited with code {superlink.poll()}:\n{superlink.tail()}")
-        if time.monotonic() >= next_check or (run_dir / SUMMARY_FILE).exists():
+        # Once the ServerApp has written its summary, the end is a moment away.
+        every = STATUS_SOON if (run_dir / SUMMARY_FILE).exists() else STATUS_EVERY
+        if time.monotonic() - last_check >= every:
+            last_check = time.monotonic()
             status, details = _status(home, run_id)
             if status.startswith("finished"):
                 progress.poll()
                 return status, details
-            next_check = time.monotonic() + STATUS_EVERY
         time.sleep(0.25)
