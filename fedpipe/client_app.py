@@ -7,12 +7,14 @@ a deployed app reads it from Flower's run config; both then run the same code.
 from __future__ import annotations
 
 import time
+from typing import Protocol
 
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fedpipe.codec import Encoded, Update, build_codec, encode_with_feedback
 from fedpipe.config import DEVICE_KEYS, CodecConfig, DataConfig, RunConfig, with_device_settings
@@ -22,31 +24,47 @@ from fedpipe.models import build_model
 from fedpipe.records import (
     ARRAYS,
     CLIENT_ID,
-    CODEC,
     CONFIG,
     ENCODE_SECONDS,
-    INFO,
+    EVAL_ACCURACY,
+    EVAL_LOSS,
     METRICS,
     NUM_EXAMPLES,
     SEAL_REQUIRED,
-    SEAL_SECONDS,
     SERVER_ROUND,
+    TRAIN_LOSS,
     TRAIN_SECONDS,
-    UPDATE,
     config_from_run_config,
-    encode_records,
     record_int,
+    train_content,
 )
 from fedpipe.seed import client_seed, round_generator
 from fedpipe.training import evaluate, select_device, train
 
-__all__ = ["make_client_app"]
+__all__ = ["ClientHooks", "client_id_of", "make_client_app"]
 
 STATE = "fedpipe-client"  # ConfigRecord in context.state that survives rounds
 RESIDUAL = "fedpipe-residual"  # ArrayRecord in context.state: error-feedback residual
 
 
-def _client_id(context: Context) -> int:
+class ClientHooks(Protocol):
+    """Where simulation changes what a client does (attacks), outside the training code.
+
+    Production apps have no hooks; `fedpipe.attacks` provides them to simulations.
+    """
+
+    def on_data(self, client_id: int, data: Split, num_classes: int) -> Split:
+        """The examples the client trains on."""
+        ...
+
+    def on_update(
+        self, client_id: int, update: Update, num_examples: int, rng: np.random.Generator
+    ) -> tuple[Update, int]:
+        """The update the client encodes, and the number of examples it claims."""
+        ...
+
+
+def client_id_of(context: Context) -> int:
     """Simulation numbers clients by partition; a deployed device says so in node config."""
     for key in ("partition-id", "client-id"):
         if key in context.node_config:
@@ -105,13 +123,14 @@ def _local_data(cfg: RunConfig, context: Context, cid: int) -> Split:
 
 def _model(
     cfg: RunConfig, context: Context, msg: Message
-) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor], int]:
+    """The global model as broadcast, its state dict, and the number of classes."""
     # Shapes come from the device's shard when it has one: it may not hold the dataset.
     ds = _device_data(context) or load_dataset(cfg.data)
     model = build_model(cfg.model, ds.input_shape, ds.num_classes)
     global_sd = msg.content.array_records[ARRAYS].to_torch_state_dict()
     model.load_state_dict(global_sd)
-    return model, global_sd
+    return model, global_sd, ds.num_classes
 
 
 def load_residual(context: Context, server_round: int, cfg: CodecConfig) -> Update | None:
@@ -144,17 +163,22 @@ def _plant_canary(update: Update, context: Context) -> None:
 
 
 def client_train(
-    msg: Message, context: Context, cfg: RunConfig, seal_key: bytes | None = None
+    msg: Message,
+    context: Context,
+    cfg: RunConfig,
+    seal_key: bytes | None = None,
+    hooks: ClientHooks | None = None,
 ) -> Message:
-    cid = _client_id(context)
-    if cid in cfg.simulation.fail_clients:
-        raise RuntimeError(f"client {cid}: injected failure (simulation.fail_clients)")
+    cid = client_id_of(context)
     server_round = record_int(msg.content.config_records[CONFIG], SERVER_ROUND)
-    model, global_sd = _model(cfg, context, msg)
+    model, global_sd, num_classes = _model(cfg, context, msg)
+    data = _local_data(cfg, context, cid)
+    if hooks is not None:
+        data = hooks.on_data(cid, data, num_classes)
     t0 = time.perf_counter()
     result = train(
         model,
-        _local_data(cfg, context, cid),
+        data,
         cfg.train,
         round_generator(cfg.seed, cid, server_round),
         select_device(cfg.train.device),
@@ -167,6 +191,9 @@ def client_train(
     }
     _plant_canary(update, context)
     rng = np.random.default_rng([client_seed(cfg.seed, cid), server_round])
+    num_examples = result.num_examples
+    if hooks is not None:
+        update, num_examples = hooks.on_update(cid, update, num_examples, rng)
     codec = build_codec(cfg.codec)
     residual = None
     if cfg.codec.error_feedback:
@@ -174,48 +201,45 @@ def client_train(
         encoded, residual = encode_with_feedback(codec, update, prior, rng)
     else:
         encoded = codec.encode(update, rng)
+    # The claims travel in the update's header: a seal binds them with the update.
+    claims = {
+        NUM_EXAMPLES: num_examples,
+        TRAIN_LOSS: result.loss,
+        CLIENT_ID: cid,
+        TRAIN_SECONDS: t1 - t0,
+        ENCODE_SECONDS: time.perf_counter() - t1,  # delta, error feedback, codec
+    }
+    encoded = Encoded(encoded.arrays, {**encoded.meta, **claims})
     t_seal = time.perf_counter()
     encoded = _maybe_seal(encoded, msg, context, _seal_key(context, seal_key), server_round)
     sealing = time.perf_counter() - t_seal
-    arrays, meta = encode_records(encoded)
-    t2 = time.perf_counter()
     _remember(context, server_round, residual)
-    content = RecordDict(
-        {
-            UPDATE: arrays,
-            CODEC: meta,
-            METRICS: MetricRecord(
-                {
-                    NUM_EXAMPLES: result.num_examples,
-                    "train_loss": result.loss,
-                    TRAIN_SECONDS: t1 - t0,
-                    ENCODE_SECONDS: t2 - t1,  # delta, error feedback, codec, seal, records
-                    SEAL_SECONDS: sealing,
-                }
-            ),
-            INFO: ConfigRecord({CLIENT_ID: cid}),
-        }
-    )
-    return Message(content, reply_to=msg)
+    return Message(train_content(encoded, sealing), reply_to=msg)
 
 
 def client_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Federated evaluation of the global model on the client's own shard."""
-    cid = _client_id(context)
-    model, _ = _model(cfg, context, msg)
+    cid = client_id_of(context)
+    model, _, _ = _model(cfg, context, msg)
     data = _local_data(cfg, context, cid)
     loss, acc = evaluate(model, data, device=select_device(cfg.train.device))
-    metrics = MetricRecord({NUM_EXAMPLES: len(data), "eval_loss": loss, "eval_accuracy": acc})
+    metrics = MetricRecord({NUM_EXAMPLES: len(data), EVAL_LOSS: loss, EVAL_ACCURACY: acc})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 
-def make_client_app(cfg: RunConfig | None = None, seal_key: bytes | None = None) -> ClientApp:
+def make_client_app(
+    cfg: RunConfig | None = None,
+    seal_key: bytes | None = None,
+    hooks: ClientHooks | None = None,
+    mods: list[Mod] | None = None,
+) -> ClientApp:
     """A ClientApp bound to `cfg`, or reading it from the run config when `cfg` is None.
 
     `seal_key` (simulation) is the aggregator's raw X25519 public key (bytes: Ray must
-    pickle the app); a deployed device gets it from its node config instead.
+    pickle the app); a deployed device gets it from its node config instead. `hooks`
+    and Flower `mods` are how a simulation injects attacks and faults.
     """
-    app = ClientApp()
+    app = ClientApp(mods=mods or [])
 
     def resolve(context: Context) -> RunConfig:
         run = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
@@ -223,7 +247,7 @@ def make_client_app(cfg: RunConfig | None = None, seal_key: bytes | None = None)
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        return client_train(msg, context, resolve(context), seal_key)
+        return client_train(msg, context, resolve(context), seal_key, hooks)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import tomli_w
 
 __all__ = [
+    "BoundsConfig",
     "CodecConfig",
     "ConfigError",
     "DataConfig",
@@ -72,9 +73,10 @@ PARTITIONERS = ("iid", "dirichlet", "shards")
 MODELS = ("mlp", "cnn", "resnet18")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-STRATEGIES = ("fedavg", "fedavgm", "fedmedian", "fedtrimmedavg")
+STRATEGIES = ("fedavg", "fedavgm", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 CODECS = ("float32", "float16", "int8", "int4", "int2", "sign", "topk")
 DOWNLINKS = ("float32", "float16")
+ATTACKS = ("none", "label_flip", "sign_flip", "scale", "model_replacement", "noise", "inflate")
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,10 @@ class FederationConfig:
     # Server-side momentum for fedavgm; trimmed fraction for fedtrimmedavg.
     server_momentum: float = 0.9
     trim_beta: float = 0.2
+    # krum / multikrum / bulyan: how many replies per round may be malicious (f; Bulyan
+    # needs at least 4f + 3 replies), and how many updates multikrum averages.
+    num_malicious: int = 0
+    krum_select: int = 1
 
     def __post_init__(self) -> None:
         _range(self.SECTION, "rounds", self.rounds, 1, 100_000)
@@ -195,6 +201,8 @@ class FederationConfig:
         _range(self.SECTION, "poll_interval", self.poll_interval, 0.0, 60.0, lo_open=True)
         _range(self.SECTION, "server_momentum", self.server_momentum, 0.0, 1.0)
         _range(self.SECTION, "trim_beta", self.trim_beta, 0.0, 0.5)
+        _range(self.SECTION, "num_malicious", self.num_malicious, 0, 100_000)
+        _range(self.SECTION, "krum_select", self.krum_select, 1, 100_000)
 
 
 @dataclass(frozen=True)
@@ -228,6 +236,38 @@ class CodecConfig:
         _choice(self.SECTION, "downlink", self.downlink, DOWNLINKS)
 
 
+NORM_ACTIONS = ("clip", "reject")
+
+
+@dataclass(frozen=True)
+class BoundsConfig:
+    """How much one device can move the global model (fedpipe.influence).
+
+    The reference is the median over a round's decoded replies: the previous round's,
+    or the round's own when there is none yet (the run's first round, or after a resume).
+    """
+
+    SECTION: ClassVar[str] = "bounds"
+    # A reply's weight (num-examples) is capped at this multiple of the reference
+    # median; 0 turns the cap off.
+    weight_ratio: float = 3.0
+    # An update whose L2 norm exceeds this multiple of the reference median norm is
+    # clipped to it (or rejected); 0 turns the bound off.
+    norm_ratio: float = 2.0
+    norm_action: str = "clip"
+    # Claims of more examples than this are rejected outright, whatever the reference:
+    # the total weight of a round can then never overflow.
+    max_examples: int = 1_000_000_000
+
+    def __post_init__(self) -> None:
+        _range(self.SECTION, "weight_ratio", self.weight_ratio, 0.0, 1e6)
+        if 0.0 < self.weight_ratio < 1.0:
+            raise ConfigError("bounds.weight_ratio must be 0 (off) or at least 1")
+        _range(self.SECTION, "norm_ratio", self.norm_ratio, 0.0, 1e6)
+        _choice(self.SECTION, "norm_action", self.norm_action, NORM_ACTIONS)
+        _range(self.SECTION, "max_examples", self.max_examples, 1, 10**12)
+
+
 SEAL_MODES = ("auto", "on", "off")
 
 
@@ -255,11 +295,29 @@ class SimulationConfig:
     cpus_per_client: float = 1.0
     # Fault injection for resilience tests: these client ids raise during training.
     fail_clients: tuple[int, ...] = ()
+    # Attack simulation (fedpipe.attacks): what the attacking clients do, and who they
+    # are: explicit ids, or a fraction of all clients drawn with the run's seed.
+    attack: str = "none"
+    attackers: tuple[int, ...] = ()
+    attacker_fraction: float = 0.0
+    # Strength: sign_flip sends -scale x the update, scale and model_replacement scale x,
+    # noise has scale x the update's RMS, inflate claims scale^3 x its examples.
+    attack_scale: float = 10.0
 
     def __post_init__(self) -> None:
         _range(self.SECTION, "cpus_per_client", self.cpus_per_client, 0.0, 1024.0, lo_open=True)
         for cid in self.fail_clients:
             _range(self.SECTION, "fail_clients[]", cid, 0)
+        _choice(self.SECTION, "attack", self.attack, ATTACKS)
+        _range(self.SECTION, "attacker_fraction", self.attacker_fraction, 0.0, 1.0)
+        _range(self.SECTION, "attack_scale", self.attack_scale, 0.0, 1e6, lo_open=True)
+        if self.attackers and self.attacker_fraction:
+            raise ConfigError("give simulation.attackers (ids) or attacker_fraction, not both")
+        if self.attack != "none" and not (self.attackers or self.attacker_fraction):
+            raise ConfigError(
+                f"simulation.attack={self.attack!r} needs simulation.attackers (ids) "
+                "or simulation.attacker_fraction"
+            )
 
 
 @dataclass(frozen=True)
@@ -278,14 +336,18 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    bounds: BoundsConfig = field(default_factory=BoundsConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:
         _range("", "seed", self.seed, 0, 2**32 - 1)
         if not self.name or "/" in self.name:
             raise ConfigError(f"name={self.name!r} must be non-empty and contain no '/'")
+        last = self.partition.num_clients - 1
         for cid in self.simulation.fail_clients:
-            _range("simulation", "fail_clients[]", cid, 0, self.partition.num_clients - 1)
+            _range("simulation", "fail_clients[]", cid, 0, last)
+        for cid in self.simulation.attackers:
+            _range("simulation", "attackers[]", cid, 0, last)
 
 
 # --- dict <-> dataclass ------------------------------------------------------------

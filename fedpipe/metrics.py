@@ -32,6 +32,9 @@ class RoundRecord:
     train_seconds: float  # local training, summed over the clients aggregated
     slowest_train_seconds: float = 0.0  # the straggler's local training time
     crypto_seconds: float = 0.0  # sealing (clients, summed) + opening (server)
+    clients_rejected: int = 0  # replies that arrived and were dropped (part of clients_failed)
+    updates_clipped: int = 0  # accepted updates scaled down to the round's norm bound
+    weights_capped: int = 0  # accepted replies whose num-examples was lowered to the cap
 
 
 def _mb(n: int) -> str:

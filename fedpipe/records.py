@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedpipe.codec import Encoded, PayloadError
@@ -18,22 +18,25 @@ from fedpipe.config import RunConfig, config_from_toml
 
 __all__ = [
     "ARRAYS",
+    "CLAIMS",
     "CODEC",
     "CONFIG",
     "ENCODE_SECONDS",
-    "INFO",
+    "EVAL_ACCURACY",
+    "EVAL_LOSS",
     "METRICS",
     "NUM_EXAMPLES",
     "RUN_CONFIG_KEY",
     "SEAL_REQUIRED",
     "SEAL_SECONDS",
     "SERVER_ROUND",
+    "TRAIN_LOSS",
     "TRAIN_SECONDS",
     "UPDATE",
     "config_from_run_config",
-    "decode_records",
     "encode_records",
     "record_int",
+    "train_content",
     "wire_bytes",
 ]
 
@@ -41,17 +44,25 @@ __all__ = [
 ARRAYS = "arrays"  # ArrayRecord: global model (server -> client), decoded weights (server)
 CONFIG = "config"  # ConfigRecord: per-round instructions from the strategy
 UPDATE = "update"  # ArrayRecord: the encoded update (client -> server)
-CODEC = "codec"  # ConfigRecord: codec metadata needed to decode UPDATE
-METRICS = "metrics"  # MetricRecord: train/eval metrics, incl. NUM_EXAMPLES
-INFO = "fedpipe"  # ConfigRecord: who sent it (client id)
+# ConfigRecord: the update's header: the codec metadata needed to decode UPDATE and the
+# client's claims (CLAIMS). A seal binds the whole header, so a relay can edit none of it.
+CODEC = "codec"
+METRICS = "metrics"  # MetricRecord: evaluation metrics; seal timing of a training reply
 # Keys inside records.
 NUM_EXAMPLES = "num-examples"  # Flower strategies weight by this
 SERVER_ROUND = "server-round"  # injected by Flower strategies into CONFIG
 CLIENT_ID = "client-id"
-TRAIN_SECONDS = "train-seconds"  # client's local training time (METRICS)
-ENCODE_SECONDS = "encode-seconds"  # client's encode time (METRICS)
-SEAL_SECONDS = "seal-seconds"  # client's sealing time, part of ENCODE_SECONDS (METRICS)
+TRAIN_LOSS = "train_loss"  # the name Flower's strategies average
+TRAIN_SECONDS = "train-seconds"  # client's local training time
+ENCODE_SECONDS = "encode-seconds"  # client's encode time, up to (not including) sealing
+# What a client states about its update, in the CODEC header (authenticated when sealed).
+CLAIMS = (NUM_EXAMPLES, TRAIN_LOSS, CLIENT_ID, TRAIN_SECONDS, ENCODE_SECONDS)
+# METRICS of a training reply: the seal's own cost, measured after the seal was made and
+# so outside it; telemetry only, never used to aggregate.
+SEAL_SECONDS = "seal-seconds"
 SEAL_REQUIRED = "seal"  # CONFIG: the aggregator accepts sealed updates only
+EVAL_LOSS = "eval_loss"
+EVAL_ACCURACY = "eval_accuracy"
 # Key in Flower's run config that carries the whole fedpipe config as TOML.
 RUN_CONFIG_KEY = "fedpipe-config"
 
@@ -70,16 +81,12 @@ def encode_records(encoded: Encoded) -> tuple[ArrayRecord, ConfigRecord]:
     return arrays, ConfigRecord(dict(encoded.meta))
 
 
-def decode_records(content: RecordDict) -> Encoded:
-    """Pull the encoded update out of a reply, or say what is missing."""
-    if UPDATE not in content.array_records or CODEC not in content.config_records:
-        raise PayloadError(f"reply lacks the {UPDATE!r}/{CODEC!r} records of a fedpipe update")
-    try:
-        arrays = {k: a.numpy() for k, a in content.array_records[UPDATE].items()}
-    except Exception as exc:  # a malformed Array (bad dtype/shape/bytes)
-        raise PayloadError(f"undecodable array in update: {exc}") from exc
-    meta = dict(content.config_records[CODEC])
-    return Encoded(arrays, meta)  # type: ignore[arg-type]
+def train_content(encoded: Encoded, seal_seconds: float = 0.0) -> RecordDict:
+    """A training reply: the (sealed) update, its header with the claims, seal telemetry."""
+    arrays, meta = encode_records(encoded)
+    return RecordDict(
+        {UPDATE: arrays, CODEC: meta, METRICS: MetricRecord({SEAL_SECONDS: seal_seconds})}
+    )
 
 
 def wire_bytes(content: RecordDict) -> int:

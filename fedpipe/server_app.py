@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedpipe.boundary import Opener
 from fedpipe.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_strategy, save_checkpoint
 from fedpipe.codec import Encoded, build_codec
 from fedpipe.config import RunConfig
@@ -26,7 +27,7 @@ from fedpipe.progress import RoundProgress
 from fedpipe.records import config_from_run_config
 from fedpipe.rundir import METRICS_FILE, MODEL_FILE, SUMMARY_FILE, save_model, write_json
 from fedpipe.seed import set_seed
-from fedpipe.strategy import CodecStrategy, Opener, build_strategy
+from fedpipe.strategy import CodecStrategy, build_strategy
 from fedpipe.training import evaluate
 
 __all__ = ["make_server_app", "run_server"]
@@ -109,6 +110,7 @@ def run_server(
         ),
         round_offset=done,
         opener=_opener(*seal) if seal is not None else None,
+        bounds=cfg.bounds,
     )
     if done < cfg.federation.rounds:
         with _closing(view):

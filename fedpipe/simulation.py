@@ -110,6 +110,7 @@ def run_simulation(cfg: RunConfig, run_dir: Path | None = None) -> SimulationRes
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from flwr.simulation import run_simulation as flwr_run_simulation
 
+    from fedpipe.attacks import build_attack, fault_mod
     from fedpipe.client_app import make_client_app
     from fedpipe.crypto.seal import public_bytes
     from fedpipe.server_app import make_server_app
@@ -118,10 +119,14 @@ def run_simulation(cfg: RunConfig, run_dir: Path | None = None) -> SimulationRes
     try:
         # A simulated aggregator's key lives for one run; deployment uses `fedpipe keys`.
         key = X25519PrivateKey.generate() if cfg.security.sealed(deployed=False) else None
+        fault = fault_mod(cfg.simulation)
         flwr_run_simulation(
             server_app=make_server_app(cfg, run_dir, errors, seal_key=key),
             client_app=make_client_app(
-                cfg, seal_key=public_bytes(key.public_key()) if key else None
+                cfg,
+                seal_key=public_bytes(key.public_key()) if key else None,
+                hooks=build_attack(cfg),
+                mods=[fault] if fault else None,
             ),
             num_supernodes=cfg.partition.num_clients,
             backend_config=_backend_config(cfg),

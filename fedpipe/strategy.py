@@ -22,39 +22,36 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
+    Bulyan,
     FedAvg,
     FedAvgM,
     FedMedian,
     FedTrimmedAvg,
+    Krum,
+    MultiKrum,
     Result,
     Strategy,
 )
 
-from fedpipe.codec import Codec, Encoded, PayloadError, Update, check_update
-from fedpipe.config import FederationConfig
-from fedpipe.crypto.seal import SEAL_META
-from fedpipe.metrics import RoundRecord
-from fedpipe.records import (
-    ARRAYS,
-    CLIENT_ID,
-    ENCODE_SECONDS,
-    INFO,
-    METRICS,
-    NUM_EXAMPLES,
-    SEAL_REQUIRED,
-    SEAL_SECONDS,
-    TRAIN_SECONDS,
-    decode_records,
-    record_int,
-    wire_bytes,
+from fedpipe.boundary import (
+    DecodeBoundary,
+    DecodedReply,
+    Opener,
+    Rejection,
+    ReplyLimits,
+    limit_array_inflation,
 )
+from fedpipe.codec import Codec, Update
+from fedpipe.config import BoundsConfig, FederationConfig
+from fedpipe.influence import InfluenceGuard, update_norm
+from fedpipe.metrics import RoundRecord
+from fedpipe.records import ARRAYS, METRICS, NUM_EXAMPLES, SEAL_REQUIRED, TRAIN_LOSS, wire_bytes
 
 __all__ = ["CodecStrategy", "apply_update", "build_strategy", "cast_like", "compress_broadcast"]
 
 log = logging.getLogger(__name__)
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
-Opener = Callable[[Encoded, int, int], Encoded]  # (payload, server round, node id)
 
 
 def build_strategy(cfg: FederationConfig) -> Strategy:
@@ -72,6 +69,14 @@ def build_strategy(cfg: FederationConfig) -> Strategy:
         return FedMedian(**common)
     if cfg.strategy == "fedtrimmedavg":
         return FedTrimmedAvg(**common, beta=cfg.trim_beta)
+    if cfg.strategy == "krum":
+        return Krum(**common, num_malicious_nodes=cfg.num_malicious)
+    if cfg.strategy == "multikrum":
+        return MultiKrum(
+            **common, num_malicious_nodes=cfg.num_malicious, num_nodes_to_select=cfg.krum_select
+        )
+    if cfg.strategy == "bulyan":
+        return Bulyan(**common, num_malicious_nodes=cfg.num_malicious)
     return FedAvg(**common)
 
 
@@ -113,24 +118,6 @@ def compress_broadcast(arrays: ArrayRecord, dtype: str) -> ArrayRecord:
     return ArrayRecord(out)
 
 
-def _check_metrics(content: RecordDict) -> MetricRecord:
-    if METRICS not in content.metric_records:
-        raise PayloadError(f"reply has no {METRICS!r} MetricRecord")
-    metrics = content.metric_records[METRICS]
-    weight = metrics.get(NUM_EXAMPLES)
-    if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
-        raise PayloadError(f"{NUM_EXAMPLES}={weight!r} must be a positive number")
-    loss = metrics.get("train_loss")
-    if not isinstance(loss, int | float) or not math.isfinite(loss):
-        raise PayloadError(f"train_loss={loss!r} must be a finite number")
-    return metrics
-
-
-def _seconds(content: RecordDict, key: str) -> float:
-    value = content.metric_records[METRICS].get(key, 0.0)
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else 0.0
-
-
 @dataclass
 class _Round:
     """What one round has cost so far."""
@@ -141,7 +128,9 @@ class _Round:
     bytes_up: int = 0
     bytes_down: int = 0
     decode_seconds: float = 0.0
-    rejected: int = 0  # replies that arrived but were dropped
+    rejected: int = 0  # replies that arrived but were dropped (boundary or bounds)
+    capped: int = 0  # accepted replies whose weight was lowered to the cap
+    clipped: int = 0  # accepted replies whose update was scaled down to the norm bound
     payloads: int = 0  # training replies that arrived with content
     payload_bytes: int = 0  # their serialized size
     encode_seconds: float = 0.0  # summed over accepted clients
@@ -163,6 +152,7 @@ class CodecStrategy(Strategy):
         checkpoint: Callable[[int, ArrayRecord], None] | None = None,
         round_offset: int = 0,
         opener: Opener | None = None,
+        bounds: BoundsConfig | None = None,
     ) -> None:
         self.inner = inner
         self.codec = codec
@@ -174,7 +164,10 @@ class CodecStrategy(Strategy):
         # Sealed updates: opens each payload for (round, node) or raises PayloadError.
         self.opener = opener
         self.on_round_end = on_round_end
+        self.bounds = bounds or BoundsConfig()
+        self.guard = InfluenceGuard(self.bounds)
         self._global: Update = {}
+        self._boundary = DecodeBoundary(codec, {}, opener, max_examples=self.bounds.max_examples)
         self._round = _Round(started=time.perf_counter())
 
     # -- sending ----------------------------------------------------------------------
@@ -199,6 +192,12 @@ class CodecStrategy(Strategy):
     ) -> Iterable[Message]:
         self._round = _Round(started=time.perf_counter())
         self._global = {k: a.numpy() for k, a in arrays.items()}
+        limits = ReplyLimits.for_model(self._global)
+        self._boundary = DecodeBoundary(
+            self.codec, self._global, self.opener, limits, self.bounds.max_examples
+        )
+        # Flower's Grid inflates each reply before fedpipe sees it: bound that too.
+        limit_array_inflation(limits.max_array_bytes)
         server_round += self.round_offset
         if self.opener is not None:  # tells devices without the key why they are refused
             config = ConfigRecord({**config, SEAL_REQUIRED: True})
@@ -214,71 +213,74 @@ class CodecStrategy(Strategy):
 
     # -- receiving --------------------------------------------------------------------
 
-    def _decode(self, content: RecordDict, server_round: int, node: int) -> RecordDict:
-        metrics = _check_metrics(content)
-        encoded = decode_records(content)
-        if self.opener is not None:
-            t0 = time.perf_counter()
-            try:
-                encoded = self.opener(encoded, server_round, node)
-            finally:
-                self._round.crypto_seconds += time.perf_counter() - t0
-        elif SEAL_META in encoded.meta:
-            raise PayloadError("the update is sealed but this aggregator has security.seal off")
-        update = self.codec.decode(encoded, like=self._global)
-        check_update(update, self._global)
-        # Only what Flower's strategies aggregate: devices running other fedpipe versions may
-        # report other metrics, and Flower refuses to average records with unequal keys.
-        kept = MetricRecord({k: metrics[k] for k in (NUM_EXAMPLES, "train_loss")})
-        return RecordDict({ARRAYS: apply_update(self._global, update), METRICS: kept})
-
-    def _fail(self, node_id: int, reason: str) -> None:
-        # Ray wraps a client's exception in a full traceback; its last line says why.
-        lines = [ln.strip(" '>") for ln in reason.strip().splitlines() if ln.strip(" '>")]
-        reason = (lines[-1] if lines else reason)[:300]
+    def _reject(self, rejection: Rejection) -> None:
         self._round.rejected += 1
-        log.warning("round reply from node %d dropped: %s", node_id, reason)
+        self._round.bytes_up += rejection.wire_bytes
+        log.warning("round reply from node %d dropped: %s", rejection.node_id, rejection.reason)
+
+    def _account(self, reply: DecodedReply) -> None:
+        r, claims = self._round, reply.claims
+        r.bytes_up += reply.wire_bytes
+        r.payload_bytes += reply.wire_bytes
+        r.payloads += 1
+        r.encode_seconds += claims.encode_seconds + reply.seal_seconds
+        r.crypto_seconds += reply.open_seconds + reply.seal_seconds
+        r.train_seconds += claims.train_seconds
+        r.slowest_train_seconds = max(r.slowest_train_seconds, claims.train_seconds)
+
+    def _decode_all(
+        self, server_round: int, replies: list[Message]
+    ) -> list[tuple[DecodedReply, Message]]:
+        """Every reply through the decode boundary; rejections are logged and counted."""
+        # A node that answers twice in a round (a replay, or a confused device) is dropped
+        # altogether: which of its replies is genuine cannot be told.
+        counts = Counter(m.metadata.src_node_id for m in replies if not m.has_error())
+        decoded: list[tuple[DecodedReply, Message]] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if counts[node] > 1 and not msg.has_error():
+                reason = f"{counts[node]} replies from node {node} in round {server_round}"
+                self._reject(Rejection(node, reason))
+                continue
+            t0 = time.perf_counter()
+            out = self._boundary.train(msg, server_round)
+            self._round.decode_seconds += time.perf_counter() - t0
+            if isinstance(out, Rejection):
+                self._reject(out)
+            else:
+                self._account(out)
+                decoded.append((out, msg))
+        # Aggregate in client order: float sums then do not depend on arrival order.
+        decoded.sort(key=lambda pair: (pair[0].claims.client_id, pair[0].node_id))
+        return decoded
+
+    def _bounded(self, decoded: list[tuple[DecodedReply, Message]]) -> list[Message]:
+        """Each update within the influence bounds, as the full weights Flower averages."""
+        norms = [update_norm(d.update) for d, _ in decoded]
+        weights = [float(d.claims.num_examples) for d, _ in decoded]
+        ref = self.guard.reference_for(weights, norms)
+        self.guard.end_round(weights, norms)
+        bounded: list[Message] = []
+        for (reply, msg), norm, weight in zip(decoded, norms, weights, strict=True):
+            admitted = self.guard.admit(weight, reply.update, norm, ref)
+            if admitted.rejected is not None:
+                self._reject(Rejection(reply.node_id, admitted.rejected))
+                continue
+            self._round.capped += admitted.capped
+            self._round.clipped += admitted.clipped
+            metrics = MetricRecord(
+                {NUM_EXAMPLES: admitted.weight, TRAIN_LOSS: reply.claims.train_loss}
+            )
+            full = apply_update(self._global, admitted.update)
+            msg.content = RecordDict({ARRAYS: full, METRICS: metrics})
+            bounded.append(msg)
+        return bounded
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        accepted: list[tuple[int, Message]] = []
-        replies = list(replies)
-        # A node that answers twice in a round (a replay, or a confused device) is dropped
-        # altogether: which of its replies is genuine cannot be told.
-        counts = Counter(m.metadata.src_node_id for m in replies if not m.has_error())
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                self._fail(node, f"client error: {msg.error.reason}")
-                continue
-            if counts[node] > 1:
-                self._fail(node, f"{counts[node]} replies from node {node} in round {server_round}")
-                continue
-            size = wire_bytes(msg.content)
-            self._round.bytes_up += size
-            self._round.payload_bytes += size
-            self._round.payloads += 1
-            t0 = time.perf_counter()
-            try:
-                info = msg.content.config_records.get(INFO, ConfigRecord())
-                client_id = record_int(info, CLIENT_ID, node)
-                decoded = self._decode(msg.content, server_round, node)
-            except PayloadError as exc:
-                self._fail(node, f"bad payload: {exc}")
-                continue
-            finally:
-                self._round.decode_seconds += time.perf_counter() - t0
-            self._round.encode_seconds += _seconds(msg.content, ENCODE_SECONDS)
-            self._round.crypto_seconds += _seconds(msg.content, SEAL_SECONDS)
-            trained = _seconds(msg.content, TRAIN_SECONDS)
-            self._round.train_seconds += trained
-            self._round.slowest_train_seconds = max(self._round.slowest_train_seconds, trained)
-            msg.content = decoded
-            accepted.append((client_id, msg))
-        # Aggregate in client order: float sums then do not depend on arrival order.
-        accepted.sort(key=lambda pair: pair[0])
+        accepted = self._bounded(self._decode_all(server_round, list(replies)))
         self._round.replied = len(accepted)
         lost = self._round.sampled - len(accepted) - self._round.rejected
         if lost > 0:
@@ -286,10 +288,10 @@ class CodecStrategy(Strategy):
         if not accepted:
             log.warning("round %d: no valid update; the global model is unchanged", server_round)
             return None, None
-        arrays, metrics = self.inner.aggregate_train(server_round, [m for _, m in accepted])
+        arrays, metrics = self.inner.aggregate_train(server_round, accepted)
         if arrays is not None:
             arrays = cast_like({k: a.numpy() for k, a in arrays.items()}, self._global)
-        loss = metrics.get("train_loss") if metrics is not None else None
+        loss = metrics.get(TRAIN_LOSS) if metrics is not None else None
         if isinstance(loss, int | float):
             self._round.train_loss = float(loss)
         return arrays, metrics
@@ -297,9 +299,20 @@ class CodecStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        replies = list(replies)
-        self._round.bytes_up += sum(wire_bytes(m.content) for m in replies if not m.has_error())
-        return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
+        """Federated evaluation replies through the same boundary: exactly the metrics
+        Flower averages, each checked, so one odd reply cannot end the round."""
+        kept: list[Message] = []
+        for msg in replies:
+            out = self._boundary.evaluate(msg)
+            if isinstance(out, Rejection):
+                log.warning("evaluation reply from node %d dropped: %s", out.node_id, out.reason)
+                continue
+            self._round.bytes_up += wire_bytes(msg.content)  # checked: safe to serialize
+            msg.content = out
+            kept.append(msg)
+        if not kept:
+            return None
+        return self.inner.aggregate_evaluate(server_round + self.round_offset, kept)
 
     def summary(self) -> None:
         log.info("fedpipe codec %r around %s", self.codec.name, type(self.inner).__name__)
@@ -324,6 +337,9 @@ class CodecStrategy(Strategy):
             bytes_down=r.bytes_down,
             seconds=time.perf_counter() - r.started,
             bits_per_param_up=bits,
+            clients_rejected=r.rejected,
+            updates_clipped=r.clipped,
+            weights_capped=r.capped,
             encode_seconds=r.encode_seconds,
             decode_seconds=r.decode_seconds,
             train_seconds=r.train_seconds,

@@ -6,14 +6,16 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
+from fedpipe.attacks import fault_mod
 from fedpipe.client_app import RESIDUAL, STATE, client_evaluate, client_train, load_residual
 from fedpipe.config import load_config
 from fedpipe.data import client_shard, load_dataset
 from fedpipe.models import build_model
-from fedpipe.records import ARRAYS, CODEC, CONFIG, INFO, METRICS, UPDATE
+from fedpipe.records import ARRAYS, CODEC, CONFIG, METRICS, NUM_EXAMPLES, UPDATE
 
 pytestmark = pytest.mark.usefixtures("task_identity")
-CFG = load_config(None, ["partition.num_clients=4", "model.hidden=8", "train.epochs=1"])
+CFG_OVERRIDES = ["partition.num_clients=4", "model.hidden=8", "train.epochs=1"]
+CFG = load_config(None, CFG_OVERRIDES)
 
 
 def _instruction(kind: str, server_round: int) -> Message:
@@ -50,18 +52,27 @@ def test_train_replies_with_an_encoded_update_and_keeps_state_across_rounds() ->
         assert all(update[k].numpy().shape == sent[k].numpy().shape for k in sent)
         assert np.abs(update["1.weight"].numpy()).sum() > 0  # training moved the weights
         assert c.config_records[CODEC]["scheme"] == "float32"
-        assert c.config_records[INFO]["client-id"] == 2
-        assert c.metric_records[METRICS]["num-examples"] == len(
-            client_shard(CFG.data, CFG.partition, 0, 2)
-        )
+        header = c.config_records[CODEC]  # the claims travel in the update's header
+        assert header["client-id"] == 2
+        assert header[NUM_EXAMPLES] == len(client_shard(CFG.data, CFG.partition, 0, 2))
+        assert set(c.metric_records[METRICS]) == {"seal-seconds"}
     state = ctx.state.config_records[STATE]
     assert state["rounds-trained"] == 2 and state["last-round"] == 2
 
 
-def test_injected_failure_raises() -> None:
-    cfg = load_config(None, ["partition.num_clients=4", "simulation.fail_clients=[1]"])
+def test_injected_failure_is_a_mod_that_raises_on_training_only() -> None:
+    cfg = load_config(None, [*CFG_OVERRIDES, "simulation.fail_clients=[1]"])
+    mod = fault_mod(cfg.simulation)
+    assert mod is not None and fault_mod(CFG.simulation) is None
+
+    def app(msg: Message, ctx: Context) -> Message:
+        return client_train(msg, ctx, cfg)
+
     with pytest.raises(RuntimeError, match="injected failure"):
-        client_train(_instruction(MessageType.TRAIN, 1), _context(1), cfg)
+        mod(_instruction(MessageType.TRAIN, 1), _context(1), app)
+    assert mod(_instruction(MessageType.TRAIN, 1), _context(2), app).has_content()
+    evaluate = mod(_instruction(MessageType.EVALUATE, 1), _context(1), lambda m, c: m)
+    assert evaluate.metadata.message_type == MessageType.EVALUATE
 
 
 def test_evaluate_reports_metrics_on_the_local_shard() -> None:

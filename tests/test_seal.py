@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
-from fedpipe.codec import Encoded, PayloadError, UniformCodec
+from fedpipe.codec import CastCodec, Encoded, PayloadError, UniformCodec
 from fedpipe.crypto.keys import (
     KeyMismatch,
     load_aggregator_key,
@@ -21,7 +21,17 @@ from fedpipe.crypto.keys import (
 )
 from fedpipe.crypto.seal import SEALED, Binding, _pack, fingerprint, open_sealed, seal
 from fedpipe.metrics import RoundRecord
-from fedpipe.records import CLIENT_ID, CODEC, INFO, METRICS, UPDATE, encode_records
+from fedpipe.records import (
+    CLIENT_ID,
+    CODEC,
+    ENCODE_SECONDS,
+    METRICS,
+    NUM_EXAMPLES,
+    SEAL_SECONDS,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    train_content,
+)
 from fedpipe.strategy import CodecStrategy
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -90,18 +100,16 @@ GLOBAL = {"w": np.zeros((20, 15), np.float32)}
 RUN = 5
 
 
+def _claimed(enc: Encoded, cid: int, n: int = 1) -> Encoded:
+    """The payload with a device's claims in its header, as the ClientApp makes it."""
+    claims = {NUM_EXAMPLES: n, TRAIN_LOSS: 0.5, CLIENT_ID: cid}
+    claims |= {TRAIN_SECONDS: 1.0, ENCODE_SECONDS: 0.1}
+    return Encoded(enc.arrays, {**enc.meta, **claims})
+
+
 def _reply(msg: Message, enc: Encoded, cid: int) -> Message:
-    arrays, meta = encode_records(enc)
-    content = RecordDict(
-        {
-            UPDATE: arrays,
-            CODEC: meta,
-            METRICS: MetricRecord({"num-examples": 1, "train_loss": 0.5}),
-            INFO: ConfigRecord({CLIENT_ID: cid}),
-        }
-    )
-    reply = Message(content, reply_to=msg)
-    return reply
+    del cid  # the claims travel inside the (sealed) header
+    return Message(train_content(enc), reply_to=msg)
 
 
 class Grid2:
@@ -115,7 +123,7 @@ class Grid2:
         return [1, 2, 3]
 
     def _honest(self, node: int) -> Encoded:
-        return seal(_payload(), KEY.public_key(), Binding(RUN, self.round, node))
+        return seal(_claimed(_payload(), node), KEY.public_key(), Binding(RUN, self.round, node))
 
     def send_and_receive(self, messages, timeout):  # type: ignore[no-untyped-def]
         messages = list(messages)
@@ -148,7 +156,7 @@ class Grid2:
                 _reply(
                     m,
                     seal(
-                        _payload(),
+                        _claimed(_payload(), 3),
                         X25519PrivateKey.generate().public_key(),
                         Binding(RUN, self.round, 3),
                     ),
@@ -157,6 +165,10 @@ class Grid2:
             ]
         if self.attack == "tampered":
             return [_reply(m, _flip(own, 40), 3)]
+        if self.attack == "relay-raises-claim":  # a genuine sealed reply, re-weighted
+            reply = _reply(m, own, 3)
+            reply.content.config_records[CODEC][NUM_EXAMPLES] = 10**6
+            return [reply]
         if self.attack == "truncated":
             return [_reply(m, Encoded({SEALED: own.arrays[SEALED][:60]}, dict(own.meta)), 3)]
         raise AssertionError(self.attack)
@@ -171,6 +183,7 @@ class Grid2:
         "wrong-key",
         "tampered",
         "truncated",
+        "relay-raises-claim",
     ],
 )
 def test_round_completes_from_honest_clients(attack: str) -> None:
@@ -195,6 +208,44 @@ def test_round_completes_from_honest_clients(attack: str) -> None:
     # The honest updates arrived: after two rounds, global = 2 * the decoded update.
     expected = 2 * CODEC_8.decode(_payload(), GLOBAL)["w"]
     np.testing.assert_allclose(result.arrays["w"].numpy(), expected, atol=1e-6)
+
+
+def test_relay_edits_outside_the_seal_change_nothing() -> None:
+    """The weight a strategy uses comes from the sealed header only: a relay that adds
+    or raises numbers in the reply's other records cannot re-weight the round."""
+    float32 = CastCodec(np.float32)
+
+    class RelayGrid(Grid2):
+        def send_and_receive(self, messages, timeout):  # type: ignore[no-untyped-def]
+            out = []
+            for m in messages:
+                node = m.metadata.dst_node_id
+                update = {"w": np.full((20, 15), float(node), np.float32)}
+                enc = float32.encode(update, np.random.default_rng(0))
+                enc = seal(_claimed(enc, node, n=node), KEY.public_key(), Binding(RUN, 1, node))
+                reply = _reply(m, enc, node)
+                metrics = reply.content.metric_records[METRICS]
+                metrics[NUM_EXAMPLES] = 10**6 if node == 3 else 1  # not the claim: ignored
+                metrics[SEAL_SECONDS] = 0.0
+                out.append(reply)
+            return out
+
+    records: list[RoundRecord] = []
+    strategy = CodecStrategy(
+        FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
+        float32,
+        on_round_end=records.append,
+        opener=lambda enc, rnd, node: open_sealed(enc, KEY, Binding(RUN, rnd, node)),
+    )
+    result = strategy.start(
+        RelayGrid("none"),  # type: ignore[arg-type]
+        ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}),
+        num_rounds=1,
+        evaluate_fn=lambda rnd, arrays: MetricRecord({"accuracy": 0.5, "loss": 1.0}),
+    )
+    assert (records[0].clients_replied, records[0].clients_failed) == (3, 0)
+    # Node n sealed the update n with the claim n: the sealed weights give (1+4+9)/6.
+    np.testing.assert_allclose(result.arrays["w"].numpy(), 14 / 6, rtol=1e-6)
 
 
 # --- keys --------------------------------------------------------------------------------

@@ -24,11 +24,12 @@ from fedpipe.records import (
     CLIENT_ID,
     CODEC,
     ENCODE_SECONDS,
-    INFO,
     METRICS,
+    NUM_EXAMPLES,
+    TRAIN_LOSS,
     TRAIN_SECONDS,
     UPDATE,
-    encode_records,
+    train_content,
 )
 from fedpipe.strategy import CodecStrategy, build_strategy, compress_broadcast
 
@@ -60,28 +61,23 @@ FLOAT32 = CastCodec(np.float32)
 
 
 def _content(
-    update: dict[str, np.ndarray], n: float, cid: int, codec: Codec = FLOAT32
+    update: dict[str, np.ndarray], n: int, cid: int, codec: Codec = FLOAT32, **claims: object
 ) -> RecordDict:
-    return _wrap(codec.encode(update, np.random.default_rng(0)), n, cid)
+    return _wrap(codec.encode(update, np.random.default_rng(0)), n, cid, **claims)
 
 
-def _wrap(encoded: Encoded, n: float, cid: int) -> RecordDict:
-    arrays, meta = encode_records(encoded)
-    return RecordDict(
-        {
-            UPDATE: arrays,
-            CODEC: meta,
-            METRICS: MetricRecord(
-                {
-                    "num-examples": n,
-                    "train_loss": float(cid),
-                    TRAIN_SECONDS: 1.5,
-                    ENCODE_SECONDS: 0.25,
-                }
-            ),
-            INFO: ConfigRecord({CLIENT_ID: cid}),
-        }
-    )
+def _wrap(encoded: Encoded, n: int, cid: int, **claims: object) -> RecordDict:
+    """A reply as a device makes it: the claims in the update's header."""
+    header = {
+        NUM_EXAMPLES: n,
+        TRAIN_LOSS: float(cid),
+        CLIENT_ID: cid,
+        TRAIN_SECONDS: 1.5,
+        ENCODE_SECONDS: 0.25,
+        **claims,
+    }
+    header = {k: v for k, v in header.items() if v is not None}
+    return train_content(Encoded(encoded.arrays, {**encoded.meta, **header}))  # type: ignore[dict-item]
 
 
 def _update(w: list[float], count: float = 1.0) -> dict[str, np.ndarray]:
@@ -144,12 +140,6 @@ def test_aggregate_equals_hand_computed_weighted_mean() -> None:
     assert rec.encode_seconds == pytest.approx(2 * 0.25) and rec.train_seconds == pytest.approx(3.0)
 
 
-def _with_metrics(metrics: MetricRecord) -> RecordDict:
-    c = _content(_update([9.0, 9.0]), 1, 3)
-    c[METRICS] = metrics
-    return c
-
-
 def _without(key: str) -> RecordDict:
     c = _content(_update([9.0, 9.0]), 1, 3)
     del c[key]
@@ -170,14 +160,13 @@ def _wrong_dtype() -> RecordDict:
     return c
 
 
-def _bad_client_id() -> RecordDict:
-    c = _content(_update([9.0, 9.0]), 1, 3)
-    c[INFO] = ConfigRecord({CLIENT_ID: "three"})
-    return c
+def _claiming(**claims: object) -> Callable[[], RecordDict]:
+    return lambda: _content(_update([9.0, 9.0]), 1, 3, **claims)
 
 
 BAD_CONTENT: dict[str, Callable[[], RecordDict]] = {
-    "bad-client-id": _bad_client_id,
+    "bad-client-id": _claiming(**{CLIENT_ID: "three"}),
+    "negative-client-id": _claiming(**{CLIENT_ID: -1}),
     "nan": lambda: _content(_update([np.nan, 0.0]), 1, 3),
     "inf": lambda: _content(_update([np.inf, 0.0]), 1, 3),
     "wrong-shape": lambda: _content(
@@ -188,10 +177,15 @@ BAD_CONTENT: dict[str, Callable[[], RecordDict]] = {
     "unknown-scheme": _bad_scheme,
     "wrong-dtype": _wrong_dtype,
     "no-update": lambda: _without(UPDATE),
-    "no-metrics": lambda: _without(METRICS),
-    "zero-weight": lambda: _with_metrics(MetricRecord({"num-examples": 0})),
-    "nan-weight": lambda: _with_metrics(MetricRecord({"num-examples": float("nan")})),
-    "no-train-loss": lambda: _with_metrics(MetricRecord({"num-examples": 1})),
+    "no-header": lambda: _without(CODEC),
+    "zero-weight": _claiming(**{NUM_EXAMPLES: 0}),
+    "nan-weight": _claiming(**{NUM_EXAMPLES: float("nan")}),
+    "fractional-weight": _claiming(**{NUM_EXAMPLES: 1.5}),
+    "overflowing-weight": _claiming(**{NUM_EXAMPLES: 10**13}),
+    "no-weight": _claiming(**{NUM_EXAMPLES: None}),
+    "no-train-loss": _claiming(**{TRAIN_LOSS: None}),
+    "inf-train-loss": _claiming(**{TRAIN_LOSS: float("inf")}),
+    "negative-seconds": _claiming(**{TRAIN_SECONDS: -1.0}),
 }
 
 

@@ -7,6 +7,7 @@ import numpy as np
 from fedpipe.codec._base import (
     Codec,
     Encoded,
+    MetaValue,
     PayloadError,
     Update,
     check_update,
@@ -15,6 +16,7 @@ from fedpipe.codec._base import (
 )
 from fedpipe.codec._cast import CastCodec
 from fedpipe.codec._feedback import encode_with_feedback
+from fedpipe.codec._npy import parse_npy, to_npy
 from fedpipe.codec._packing import pack_bits, packed_size, unpack_bits
 from fedpipe.codec._quantized import SignCodec, UniformCodec
 from fedpipe.codec._sparse import TopKCodec, topk_count
@@ -24,6 +26,7 @@ __all__ = [
     "CastCodec",
     "Codec",
     "Encoded",
+    "MetaValue",
     "PayloadError",
     "SignCodec",
     "TopKCodec",
@@ -35,8 +38,10 @@ __all__ = [
     "flatten",
     "pack_bits",
     "packed_size",
-    "unflatten",
+    "parse_npy",
+    "to_npy",
     "topk_count",
+    "unflatten",
     "unpack_bits",
 ]
 

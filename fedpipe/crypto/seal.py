@@ -3,8 +3,10 @@
 Each payload is sealed to the aggregator's long-term X25519 public key with a fresh
 ephemeral key (ECIES in the manner of HPKE base mode): X25519 agreement, HKDF-SHA256 to an
 AES-256-GCM key and nonce, one message per key. The associated data binds the run, the
-server round, the sending node and the codec description, so a payload replayed into
-another round, node or run, or re-labelled with another codec, fails authentication.
+server round, the sending node and the whole update header (the codec description and
+the device's claims: examples, loss, client id), so a payload replayed into another
+round, node or run, re-labelled with another codec, or re-weighted by a relay, fails
+authentication.
 Overhead per update: the 32-byte ephemeral public key and the 16-byte tag.
 """
 
@@ -22,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedpipe.codec import Encoded, PayloadError
+from fedpipe.codec import Encoded, MetaValue, PayloadError, parse_npy, to_npy
 
 __all__ = [
     "SEALED",
@@ -33,9 +35,10 @@ __all__ = [
     "open_sealed",
     "public_bytes",
     "seal",
+    "seal_bytes",
 ]
 
-SUITE = "x25519-hkdf-aesgcm-1"  # X25519, HKDF-SHA256, AES-256-GCM; version 1
+SUITE = "x25519-hkdf-aesgcm-2"  # X25519, HKDF-SHA256, AES-256-GCM; inner .npy arrays
 SEALED = "sealed"  # the one array of a sealed payload
 SEAL_META = "seal"  # metadata key naming the suite of a sealed payload
 _EPK = 32
@@ -86,42 +89,56 @@ def _keys(shared: bytes, epk: bytes, recipient: bytes) -> tuple[bytes, bytes]:
 
 
 def _pack(arrays: dict[str, np.ndarray]) -> bytes:
-    """Arrays as one byte string: a JSON header (name, dtype, shape), then the raw data."""
-    header = [[k, a.dtype.str, list(a.shape)] for k, a in arrays.items()]
-    head = json.dumps(header, separators=(",", ":")).encode()
-    body = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays.values())
-    return len(head).to_bytes(4, "little") + head + body
+    """Arrays as one byte string: per array, its name and its `.npy` bytes, length-prefixed."""
+    out = bytearray()
+    for name, array in arrays.items():
+        key, npy = name.encode(), to_npy(array)
+        out += len(key).to_bytes(2, "little") + key + len(npy).to_bytes(4, "little") + npy
+    return bytes(out)
 
 
 def _unpack(data: bytes) -> dict[str, np.ndarray]:
-    """Inverse of `_pack`; authenticated input, but still checked (a bug must not crash)."""
-    try:
-        n = int.from_bytes(data[:4], "little")
-        header = json.loads(data[4 : 4 + n])
-        out, pos = {}, 4 + n
-        for name, dtype, shape in header:
-            dt = np.dtype(dtype)
-            size = dt.itemsize * int(np.prod(shape, dtype=np.int64))
-            if pos + size > len(data):
-                raise ValueError("array data runs past the payload")
-            out[str(name)] = np.frombuffer(data, dt, int(np.prod(shape)), pos).reshape(shape)
-            pos += size
-        if pos != len(data):
-            raise ValueError(f"{len(data) - pos} trailing bytes")
-        return out
-    except (ValueError, TypeError, json.JSONDecodeError) as exc:
-        raise PayloadError(f"sealed payload is malformed inside: {exc}") from exc
+    """Inverse of `_pack`. Authenticated only as coming from *some* device (every device
+    holds the public key), so the plaintext is parsed as hostile: lengths are checked
+    before use, arrays go through the strict `.npy` reader, nothing is evaluated."""
+    out: dict[str, np.ndarray] = {}
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < 6:
+            raise PayloadError("sealed payload is malformed inside: truncated entry")
+        klen = int.from_bytes(data[pos : pos + 2], "little")
+        nlen = int.from_bytes(data[pos + 2 + klen : pos + 6 + klen], "little")
+        start = pos + 6 + klen
+        if start + nlen > len(data):
+            raise PayloadError("sealed payload is malformed inside: entry runs past the end")
+        try:
+            name = data[pos + 2 : pos + 2 + klen].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PayloadError("sealed payload is malformed inside: bad array name") from exc
+        if name in out:
+            raise PayloadError(f"sealed payload is malformed inside: {name!r} twice")
+        out[name] = parse_npy(data[start : start + nlen], nlen)
+        pos = start + nlen
+    return out
 
 
 def seal(encoded: Encoded, recipient: X25519PublicKey, binding: Binding) -> Encoded:
-    """Encrypt the encoded arrays to `recipient`; the codec metadata stays readable."""
+    """Encrypt the encoded arrays to `recipient`; the header stays readable, and bound."""
+    return seal_bytes(_pack(encoded.arrays), encoded.meta, recipient, binding)
+
+
+def seal_bytes(
+    plaintext: bytes, meta: Mapping[str, MetaValue], recipient: X25519PublicKey, binding: Binding
+) -> Encoded:
+    """Seal any plaintext: what `seal` does with packed arrays, and what any device holding
+    the public key can do with bytes of its choosing (the aggregator assumes so)."""
     eph = X25519PrivateKey.generate()
     epk, to = public_bytes(eph.public_key()), public_bytes(recipient)
     key, nonce = _keys(eph.exchange(recipient), epk, to)
-    meta = dict(encoded.meta)
-    box = AESGCM(key).encrypt(nonce, _pack(encoded.arrays), _aad(binding, meta, to))
+    header = dict(meta)
+    box = AESGCM(key).encrypt(nonce, plaintext, _aad(binding, header, to))
     sealed = np.frombuffer(epk + box, np.uint8)
-    return Encoded({SEALED: sealed}, {**meta, SEAL_META: SUITE})
+    return Encoded({SEALED: sealed}, {**header, SEAL_META: SUITE})
 
 
 def open_sealed(encoded: Encoded, private: X25519PrivateKey, binding: Binding) -> Encoded:
