@@ -31,7 +31,9 @@ __all__ = ["OVERSIZED", "PINNED_FLWR", "inflated_size", "limit_array_inflation",
 log = logging.getLogger(__name__)
 
 PINNED_FLWR = "1.42."  # the Array.inflate this guards; tests/test_boundary.py checks it
-OVERSIZED = "_fedpipe_oversized"  # instance attribute: bytes the Array would have had
+# The emptied Array's stype: "fedpipe-oversized:<bytes>". Flower copies Arrays into their
+# ArrayRecord field by field, so the mark travels in a field, not an attribute.
+OVERSIZED = "fedpipe-oversized:"
 
 _ORIGINAL = Array.__dict__["inflate"].__func__
 _limit: int | None = None
@@ -56,17 +58,17 @@ def _guarded_inflate(
             size = 0  # malformed: Flower's own inflate says why
         if size > limit:
             log.warning("an Array would inflate to %d bytes (bound %d): emptied", size, limit)
-            empty = cls(dtype="", shape=(), stype="", data=b"")
-            empty.__dict__[OVERSIZED] = size
-            return empty
+            return cls(dtype="", shape=(), stype=f"{OVERSIZED}{size}", data=b"")
     array: Array = _ORIGINAL(cls, object_content, children)
     return array
 
 
 def oversized(array: Array) -> int | None:
     """The size an Array would have inflated to, if the guard emptied it."""
-    size = array.__dict__.get(OVERSIZED)
-    return int(size) if isinstance(size, int) else None
+    stype = array.stype
+    if isinstance(stype, str) and stype.startswith(OVERSIZED):
+        return int(stype.removeprefix(OVERSIZED))
+    return None
 
 
 def limit_array_inflation(max_bytes: int | None) -> None:
