@@ -19,7 +19,15 @@ from fedpipe.crypto.keys import (
     load_public_key,
     write_aggregator_keys,
 )
-from fedpipe.crypto.seal import SEALED, Binding, _pack, fingerprint, open_sealed, seal
+from fedpipe.crypto.seal import (
+    SEALED,
+    Binding,
+    _pack,
+    fingerprint,
+    open_sealed,
+    seal,
+    seal_bytes,
+)
 from fedpipe.metrics import RoundRecord
 from fedpipe.records import (
     CLIENT_ID,
@@ -91,6 +99,38 @@ def test_open_rejects(case: str) -> None:
     payload, key, binding = CASES[case](seal(_payload(), KEY.public_key(), BIND))
     with pytest.raises(PayloadError):
         open_sealed(payload, key, binding)
+
+
+def _entry(name: bytes, blob: bytes) -> bytes:
+    return len(name).to_bytes(2, "little") + name + len(blob).to_bytes(4, "little") + blob
+
+
+def _npy(header: str) -> bytes:
+    head = (header + " " * (-(len(header) + 11) % 64) + "\n").encode()
+    return b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head
+
+
+# Plaintexts any device can seal with the aggregator's public key: authentic, and hostile.
+CRAFTED = {
+    # the crashes: shapes that overflow, JSON nested past the recursion limit
+    "huge-shape": _entry(
+        b"w",
+        _npy("{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999, 99999999999), }"),
+    ),
+    "old-format-deep-json": (5000).to_bytes(4, "little") + b"[" * 5000,
+    "npz-inside": _entry(b"w", b"PK\x03\x04" + b"\x00" * 40),
+    "entry-past-the-end": _entry(b"w", b"")[:-4] + (2**31).to_bytes(4, "little"),
+    "name-not-utf8": _entry(b"\xff\xfe", b""),
+    "same-name-twice": _pack({"w": np.zeros(2, np.float32)}) * 2,
+    "three-stray-bytes": b"abc",
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_crafted_plaintext_inside_a_valid_seal_is_a_payload_error(case: str) -> None:
+    sealed = seal_bytes(CRAFTED[case], _payload().meta, KEY.public_key(), BIND)
+    with pytest.raises(PayloadError, match="malformed inside|not a|exceeds|archive"):
+        open_sealed(sealed, KEY, BIND)
 
 
 # --- in a round: the strategy drops the bad replies and aggregates the honest ones ---------

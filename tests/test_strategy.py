@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -12,6 +13,7 @@ from flwr.app import (
     ConfigRecord,
     Error,
     Message,
+    MessageType,
     MetricRecord,
     RecordDict,
 )
@@ -160,6 +162,19 @@ def _wrong_dtype() -> RecordDict:
     return c
 
 
+def _npz_bytes() -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, w=np.zeros(2, np.float32))
+    return buf.getvalue()
+
+
+def _with_array_bytes(data: bytes) -> RecordDict:
+    """Flower's Array.numpy() would np.load these bytes and hand back an NpzFile."""
+    c = _content(_update([9.0, 9.0]), 1, 3)
+    c[UPDATE]["w"] = Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=data)
+    return c
+
+
 def _claiming(**claims: object) -> Callable[[], RecordDict]:
     return lambda: _content(_update([9.0, 9.0]), 1, 3, **claims)
 
@@ -175,6 +190,7 @@ BAD_CONTENT: dict[str, Callable[[], RecordDict]] = {
     "missing-key": lambda: _content({"w": np.zeros(2, np.float32)}, 1, 3),
     "extra-key": lambda: _content({**_update([0.0, 0.0]), "x": np.zeros(1, np.float32)}, 1, 3),
     "unknown-scheme": _bad_scheme,
+    "npz-archive-array": lambda: _with_array_bytes(_npz_bytes()),
     "wrong-dtype": _wrong_dtype,
     "no-update": lambda: _without(UPDATE),
     "no-header": lambda: _without(CODEC),
@@ -307,3 +323,36 @@ def test_build_strategy(name: str) -> None:
     strategy = build_strategy(FederationConfig(strategy=name, min_nodes=3))
     assert type(strategy).__name__.lower() == name
     assert strategy.min_available_nodes == 3  # type: ignore[attr-defined]
+
+
+def test_federated_evaluation_survives_odd_replies() -> None:
+    """One device reporting an extra metric used to end the round in Flower's aggregation
+    (InconsistentMessageReplies); another sends a key that is not valid Unicode."""
+    records: list[RoundRecord] = []
+
+    def respond(msg: Message) -> Message | None:
+        node = msg.metadata.dst_node_id
+        if msg.metadata.message_type == MessageType.TRAIN:
+            return _honest_reply(msg) if node in HONEST else None
+        metrics = {"num-examples": 10, "eval_loss": 0.5, "eval_accuracy": 0.1 * node}
+        if node == 2:
+            metrics["newer-metric"] = 1.0
+        if node == 3:
+            metrics["\ud800"] = 1.0
+        return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+    strategy = CodecStrategy(
+        FedAvg(fraction_evaluate=1.0, min_train_nodes=1, min_available_nodes=1),
+        FLOAT32,
+        on_round_end=records.append,
+    )
+    result = strategy.start(
+        FakeGrid([1, 2, 3], respond),
+        _global_record(),
+        num_rounds=1,
+        evaluate_fn=lambda rnd, arrays: MetricRecord({"accuracy": 0.5, "loss": 1.0}),
+    )
+    federated = result.evaluate_metrics_clientapp[1]
+    assert federated["eval_accuracy"] == pytest.approx(0.15)  # nodes 1 and 2; 3 dropped
+    assert set(federated) == {"eval_loss", "eval_accuracy"}
+    assert records[0].clients_replied == 2
