@@ -370,15 +370,18 @@ class CodecStrategy(Strategy):
                     self.checkpoint(server_round, arrays)
             return res
 
-        result = super().start(
-            grid,
-            initial_arrays,
-            num_rounds,
-            timeout,
-            train_config,
-            evaluate_config,
-            evaluate_and_record,
-        )
+        try:
+            result = super().start(
+                grid,
+                initial_arrays,
+                num_rounds,
+                timeout,
+                train_config,
+                evaluate_config,
+                evaluate_and_record,
+            )
+        finally:  # the inflation bound is this run's (configure_train sets it per round)
+            limit_array_inflation(None)
         if len(result.arrays) == 0:  # Flower leaves it empty if no round aggregated
             result.arrays = initial_arrays
         return result
