@@ -252,9 +252,11 @@ class BoundsConfig:
     # median; 0 turns the cap off.
     weight_ratio: float = 3.0
     # An update whose L2 norm exceeds this multiple of the reference median norm is
-    # clipped to it (or rejected); 0 turns the bound off.
+    # rejected (or, with norm_action="clip", scaled down to it); 0 turns the bound off.
+    # Rejecting leaves an outlier no influence at all; clipping keeps an honest outlier's
+    # direction but leaves a hostile one the bound's full length (robustness benchmark).
     norm_ratio: float = 2.0
-    norm_action: str = "clip"
+    norm_action: str = "reject"
     # Claims of more examples than this are rejected outright, whatever the reference:
     # the total weight of a round can then never overflow.
     max_examples: int = 1_000_000_000

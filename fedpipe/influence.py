@@ -7,8 +7,8 @@ both decided one reply at a time against a *reference*, so they keep working whe
 replies are folded into a running sum as they arrive:
 
 - weight: min(claim, `weight_ratio` x the reference median weight);
-- norm: an update longer than `norm_ratio` x the reference median L2 norm is scaled
-  down to that length (or rejected, `norm_action = "reject"`).
+- norm: an update longer than `norm_ratio` x the reference median L2 norm is rejected
+  (or, `norm_action = "clip"`, scaled down to that length).
 
 The reference is the median over the previous round's decoded replies; a round with no
 previous round (the run's first, or the first after a resume) uses its own. Medians

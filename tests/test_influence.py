@@ -45,7 +45,7 @@ def test_weight_is_capped_at_a_multiple_of_the_reference_median() -> None:
 
 
 def test_norm_is_clipped_to_a_multiple_of_the_reference_median() -> None:
-    guard = InfluenceGuard(BoundsConfig(weight_ratio=0.0, norm_ratio=2.0))
+    guard = InfluenceGuard(BoundsConfig(weight_ratio=0.0, norm_ratio=2.0, norm_action="clip"))
     ref = Reference(weight=1.0, norm=5.0)
     update = _u(30.0, 40.0)  # norm 50 -> clipped to 10
     out = guard.admit(1.0, update, update_norm(update), ref)
@@ -136,8 +136,14 @@ def test_plain_fedavg_is_moved_by_one_device() -> None:
     assert w[0] > 900  # the finding: one device moved the model by ~1000
 
 
-def test_bounds_keep_one_device_to_its_share() -> None:
+def test_default_bounds_drop_the_outlier() -> None:
     w, rec = _round(BoundsConfig(), _poisoned)
+    np.testing.assert_allclose(w, [1.0, 1.0], rtol=1e-6)  # the honest mean
+    assert (rec.clients_replied, rec.clients_rejected, rec.weights_capped) == (9, 1, 0)
+
+
+def test_clipping_bounds_keep_one_device_to_its_share() -> None:
+    w, rec = _round(BoundsConfig(norm_action="clip"), _poisoned)
     # weight capped to 3 x 100, update clipped to 2 x sqrt(2): at most (9 + 3*2)/12 = 1.25
     assert w[0] == pytest.approx((9 * 100 * 1.0 + 300 * 2.0) / 1200, rel=1e-5)
     assert (rec.weights_capped, rec.updates_clipped, rec.clients_replied) == (1, 1, 10)
