@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ __all__ = [
     "PARTITION_FILE",
     "SUMMARY_FILE",
     "create_run_dir",
+    "discard_run_dir",
     "save_model",
     "write_json",
 ]
@@ -43,6 +46,15 @@ def create_run_dir(cfg: RunConfig) -> Path:
         (path / CONFIG_FILE).write_text(config_to_toml(cfg))
         return path
     raise FileExistsError(f"could not create a fresh run directory under {base}")
+
+
+def discard_run_dir(run_dir: Path, made_output_dir: bool) -> None:
+    """Remove the folder of a run that never got going, and the output folder too when
+    that run made it and it is now empty: a failed start leaves nothing behind."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if made_output_dir:
+        with contextlib.suppress(OSError):  # not empty: other runs live there
+            run_dir.parent.rmdir()
 
 
 def write_json(path: Path, data: Any) -> None:

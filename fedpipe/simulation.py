@@ -12,7 +12,15 @@ from typing import Any
 from fedpipe.config import RunConfig
 from fedpipe.data import label_histograms, load_dataset, partition_indices
 from fedpipe.deploy.processes import OFFLINE_ENV
-from fedpipe.rundir import PARTITION_FILE, SUMMARY_FILE, create_run_dir, write_json
+from fedpipe.errors import os_reason
+from fedpipe.rundir import (
+    METRICS_FILE,
+    PARTITION_FILE,
+    SUMMARY_FILE,
+    create_run_dir,
+    discard_run_dir,
+    write_json,
+)
 
 __all__ = ["RunFailed", "SimulationResult", "offline_env", "quiet_flower", "run_simulation"]
 
@@ -100,11 +108,38 @@ def _stop_ray() -> None:
 
 
 def run_simulation(cfg: RunConfig, run_dir: Path | None = None) -> SimulationResult:
-    """Run `cfg` on the simulation engine and return the run directory and summary."""
+    """Run `cfg` on the simulation engine and return the run directory and summary.
+
+    Without `run_dir`, a fresh one is made under `cfg.output_dir` once the dataset loads,
+    and removed again (with `output_dir` when this run made it) if the run fails before
+    any round finished: a failed start leaves nothing behind.
+    """
     offline_env()
     # Fail on a missing dataset or impossible partition before Ray starts.
     load_dataset(cfg.data)
-    run_dir = run_dir or create_run_dir(cfg)
+    if run_dir is not None:
+        return _simulate(cfg, run_dir)
+    made_output_dir = not Path(cfg.output_dir).exists()
+    try:
+        run_dir = create_run_dir(cfg)
+    except OSError as exc:
+        raise RunFailed(
+            f"cannot create the run directory {exc.filename or cfg.output_dir}: "
+            f"{os_reason(exc)}; set output_dir=... to a folder you can write"
+        ) from exc
+    try:
+        return _simulate(cfg, run_dir)
+    except BaseException as exc:
+        metrics = run_dir / METRICS_FILE
+        if metrics.is_file() and metrics.stat().st_size > 0:
+            raise  # rounds ran: keep what they wrote
+        discard_run_dir(run_dir, made_output_dir)
+        if isinstance(exc, RunFailed):
+            raise RunFailed(str(exc).replace(f" (run directory {run_dir})", "")) from exc
+        raise
+
+
+def _simulate(cfg: RunConfig, run_dir: Path) -> SimulationResult:
     log_partition(cfg, run_dir)
 
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey

@@ -10,13 +10,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedpipe.cli.args import Parser, address
 from fedpipe.config import ConfigError
 from fedpipe.deploy.device import DeviceError, DeviceOptions, run_device
+from fedpipe.errors import os_reason
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedpipe-client", description=__doc__.splitlines()[0])
-    p.add_argument("--superlink", required=True, help="coordinator address, host:port")
+    p = Parser(prog="fedpipe-client", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--superlink", type=address, required=True, help="coordinator address, host:port"
+    )
     p.add_argument("--data", type=Path, required=True, help="this device's shard (.npz)")
     tls = p.add_mutually_exclusive_group()
     tls.add_argument("--root-certificates", type=Path, help="the coordinator's CA certificate")
@@ -64,9 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return run_device(opts)
+    except KeyboardInterrupt:  # Ctrl-C while it checks or waits for the coordinator
+        print("fedpipe-client: interrupted", file=sys.stderr)
+        return 130
     except (ConfigError, DeviceError) as exc:
         print(f"fedpipe-client: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
+    except OSError as exc:  # what is left: the device's state folder cannot be written
+        where = f" {exc.filename}" if exc.filename else ""
+        print(
+            f"fedpipe-client: error: cannot write{where}: {os_reason(exc)}; check --state-dir",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

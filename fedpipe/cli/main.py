@@ -10,16 +10,17 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from fedpipe.cli.args import Parser
 from fedpipe.config import ConfigError, load_config
 from fedpipe.crypto import write_certs, write_node_key
 from fedpipe.crypto.keys import write_aggregator_keys
 from fedpipe.data import (
-    DatasetNotFoundError,
     label_histograms,
     load_dataset,
     partition_indices,
     write_shards,
 )
+from fedpipe.errors import os_reason
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -77,7 +78,7 @@ def _partition(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedpipe", description=__doc__.splitlines()[0])
+    p = Parser(prog="fedpipe", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("certs", help="create a CA and a TLS server certificate")
@@ -123,12 +124,41 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _destination(args: argparse.Namespace) -> Path:
+    """The folder a command writes into."""
+    if args.command == "export":
+        return Path(args.run) / "export"
+    if args.command == "report" and not args.out:
+        return Path(args.runs[0]) / "report"
+    return Path(args.out)
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """`path` is the folder, inside it, or one of the folders it is to be made in."""
+    path, folder = path.absolute(), folder.absolute()
+    return path == folder or path in folder.parents or folder in path.parents
+
+
+def _os_error(exc: OSError, args: argparse.Namespace) -> str:
+    """One line: which file could not be written (or read) and why."""
+    if exc.filename is None:  # fedpipe's own message (an existing file, a readable key)
+        return str(exc)
+    path, out = Path(exc.filename), _destination(args)
+    if not _within(path, out):
+        return f"cannot read {path}: {os_reason(exc)}"
+    fix = "pass --out a folder you can write" if "out" in args else f"make {out.parent} writable"
+    return f"cannot write {path}: {os_reason(exc)}; {fix}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler: Handler = args.handler
     try:
         return handler(args)
-    except (ConfigError, DatasetNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
+    except OSError as exc:  # a missing dataset, an existing file, an unwritable --out, ...
+        print(f"fedpipe {args.command}: error: {_os_error(exc, args)}", file=sys.stderr)
+        return 1
+    except (ConfigError, ValueError, RuntimeError) as exc:
         print(f"fedpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
 

@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from fedpipe.cli.args import Parser, port
 from fedpipe.config import ConfigError, load_config
-from fedpipe.data import DatasetNotFoundError
 from fedpipe.deploy.coordinator import CoordinatorOptions, DeployError, run_coordinator
+from fedpipe.errors import os_message
 from fedpipe.simulation import quiet_flower
 
 INSECURE_WARNING = (
@@ -25,14 +26,14 @@ INSECURE_WARNING = (
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedpipe-server", description=__doc__.splitlines()[0])
+    p = Parser(prog="fedpipe-server", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="TOML run config (default: the embedded digits setup)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     tls = p.add_mutually_exclusive_group()
     tls.add_argument("--certs", type=Path, help="folder from `fedpipe certs` (TLS)")
     tls.add_argument("--insecure", action="store_true", help="no TLS (test networks only)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: all)")
-    p.add_argument("--port", type=int, default=9092)
+    p.add_argument("--port", type=port, default=9092, help="port devices connect to (1..65535)")
     p.add_argument(
         "--node-keys",
         type=Path,
@@ -53,9 +54,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _public_keys(paths: list[Path]) -> tuple[Path, ...]:
+    """Each --node-keys path, a folder expanded to its *.pub files. An empty folder is an
+    error: it would turn node authentication off without a word."""
     keys: list[Path] = []
     for path in paths:
-        keys += sorted(path.glob("*.pub")) if path.is_dir() else [path]
+        found = sorted(path.glob("*.pub")) if path.is_dir() else [path]
+        if not found:
+            raise DeployError(
+                f"--node-keys {path}: the folder holds no .pub files; put each device's "
+                "`fedpipe node-key` .pub there"
+            )
+        keys += found
     return tuple(keys)
 
 
@@ -78,23 +87,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.node_keys and args.insecure:
         print("fedpipe-server: error: node authentication needs TLS", file=sys.stderr)
         return 2
-    opts = CoordinatorOptions(
-        host=args.host,
-        port=args.port,
-        certs=args.certs,
-        insecure=args.insecure,
-        node_keys=_public_keys(args.node_keys),
-        seal_key=args.seal_key,
-    )
     try:
+        opts = CoordinatorOptions(
+            host=args.host,
+            port=args.port,
+            certs=args.certs,
+            insecure=args.insecure,
+            node_keys=_public_keys(args.node_keys),
+            seal_key=args.seal_key,
+        )
         cfg = None if args.resume else load_config(args.config, args.overrides)
         result = run_coordinator(cfg, opts, resume_dir=args.resume)
     except KeyboardInterrupt:
         print("fedpipe-server: interrupted; all processes stopped", file=sys.stderr)
         return 130
-    except (ConfigError, DatasetNotFoundError, DeployError, FileNotFoundError) as exc:
+    except (ConfigError, DeployError) as exc:
         print(f"fedpipe-server: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
+    except OSError as exc:  # a missing dataset (its message says where fedpipe looked), ...
+        print(f"fedpipe-server: error: {os_message(exc)}", file=sys.stderr)
+        return 1
     s = result.summary
     print(
         f"done: {s['rounds']} rounds, final accuracy {s['final_accuracy']:.4f}, "

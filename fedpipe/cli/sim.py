@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fedpipe.cli.args import Parser
 from fedpipe.config import ConfigError, load_config
-from fedpipe.data import DatasetNotFoundError
+from fedpipe.errors import os_message
 from fedpipe.simulation import RunFailed, quiet_flower, run_simulation
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedpipe-sim", description=__doc__)
+    p = Parser(prog="fedpipe-sim", description=__doc__)
     p.add_argument("--config", help="TOML run config (default: the embedded digits setup)")
     p.add_argument(
         "overrides",
@@ -27,11 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     quiet_flower(verbose=args.verbose)
     try:
-        cfg = load_config(args.config, args.overrides)
-        result = run_simulation(cfg)
-    except (ConfigError, DatasetNotFoundError, RunFailed, ValueError) as exc:
+        result = run_simulation(load_config(args.config, args.overrides))
+    except (ConfigError, RunFailed, ValueError) as exc:
         print(f"fedpipe-sim: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
+    except OSError as exc:  # a missing dataset (its message says where fedpipe looked), ...
+        print(f"fedpipe-sim: error: {os_message(exc)}", file=sys.stderr)
+        return 1
     s = result.summary
     print(
         f"done: {s['rounds']} rounds, final accuracy {s['final_accuracy']:.4f}, "

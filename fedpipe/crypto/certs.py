@@ -14,11 +14,12 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedpipe.crypto.files import write_private_bytes
+from fedpipe.crypto.files import read_private_pem, write_private_bytes
 
-__all__ = ["CertPaths", "create_ca", "create_server_cert", "write_private"]
+__all__ = ["CertPaths", "check_server_files", "create_ca", "create_server_cert", "write_private"]
 
 CA_DAYS, SERVER_DAYS = 3650, 825
 
@@ -153,3 +154,51 @@ def write_certs(folder: Path, hosts: list[str], force: bool = False) -> CertPath
         + ca_cert.public_bytes(serialization.Encoding.PEM)
     )
     return paths
+
+
+def check_server_files(folder: Path) -> CertPaths:
+    """The files a TLS coordinator serves from `folder`, checked before anything starts:
+    present, PEM, private keys readable by their owner only (ca.key too, when it is there),
+    and server.key the key of server.crt. Raises OSError or ValueError naming the file."""
+    paths = CertPaths(folder)
+    missing = [
+        p.name for p in (paths.ca_cert, paths.server_cert, paths.server_key) if not p.is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} holds no {', '.join(missing)}; create them with "
+            f"`fedpipe certs --out {folder} --hosts HOST ...`"
+        )
+    if paths.ca_key.exists():
+        read_private_pem(paths.ca_key)  # refuses a CA key other users can read
+    key = _load_key(paths.server_key)
+    chain = _load_certs(paths.server_cert)
+    _load_certs(paths.ca_cert)
+    if _spki(chain[0].public_key()) != _spki(key.public_key()):
+        raise ValueError(
+            f"{paths.server_key} is not the key of {paths.server_cert}; "
+            "re-create both with `fedpipe certs --force`"
+        )
+    return paths
+
+
+def _load_certs(path: Path) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except ValueError as exc:
+        raise ValueError(
+            f"{path} is not a PEM certificate; re-create it with `fedpipe certs`"
+        ) from exc
+
+
+def _load_key(path: Path) -> PrivateKeyTypes:
+    try:
+        return serialization.load_pem_private_key(read_private_pem(path), password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is not an unencrypted PEM private key ({exc})") from exc
+
+
+def _spki(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )

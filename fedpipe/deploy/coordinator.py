@@ -4,12 +4,17 @@ The coordinator writes a Flower app folder (a pyproject.toml only, so the instal
 fedpipe is what runs), starts the SuperLink with its state in the run directory,
 submits the run with `flwr run`, prints each round as it lands in metrics.jsonl, and
 stops every process it started when the run ends, fails, or is interrupted.
+Everything that can be checked (certificates, keys, the port) is checked before the run
+directory exists, and a run directory whose run never got submitted is removed again, so
+a failed start leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -19,13 +24,22 @@ from typing import Any
 
 import tomli_w
 
-from fedpipe.config import RunConfig, config_from_toml, config_to_toml
+from fedpipe.config import ConfigError, RunConfig, config_from_toml, config_to_toml
+from fedpipe.crypto.certs import check_server_files
 from fedpipe.crypto.keys import load_aggregator_key
-from fedpipe.deploy.processes import Child, flower_env, wait_for_port
+from fedpipe.crypto.nodekeys import load_node_public_key
+from fedpipe.deploy.processes import Child, flower_env, last_message, wait_for_port
+from fedpipe.errors import os_message, os_reason
 from fedpipe.metrics import RoundRecord, progress_line
 from fedpipe.progress import RoundProgress
 from fedpipe.records import RUN_CONFIG_KEY
-from fedpipe.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, create_run_dir
+from fedpipe.rundir import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    create_run_dir,
+    discard_run_dir,
+)
 from fedpipe.server_app import SEAL_KEY_FILE
 
 __all__ = ["CoordinatorOptions", "CoordinatorResult", "DeployError", "run_coordinator"]
@@ -128,12 +142,8 @@ def _superlink_argv(run_dir: Path, opts: CoordinatorOptions) -> list[str]:
     ]
     if opts.insecure:
         return [*argv, "--insecure"]
-    if opts.certs is None:
-        raise DeployError("TLS needs --certs DIR (from `fedpipe certs`), or pass --insecure")
+    assert opts.certs is not None  # _check_certs ran
     files = {name: (opts.certs / name).resolve() for name in ("server.crt", "server.key", "ca.crt")}
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        raise DeployError(f"missing certificate files {missing}; create them with `fedpipe certs`")
     argv += ["--ssl-certfile", str(files["server.crt"]), "--ssl-keyfile", str(files["server.key"])]
     argv += ["--ssl-ca-certfile", str(files["ca.crt"])]
     if opts.node_keys:
@@ -143,22 +153,25 @@ def _superlink_argv(run_dir: Path, opts: CoordinatorOptions) -> list[str]:
 
 def _flwr(home: Path, *args: str, timeout: float = 60.0) -> dict[str, Any]:
     """Run the `flwr` CLI with JSON output; it exits 0 even on errors, so read `success`."""
-    out = subprocess.run(
-        ["flwr", *args, "--format", "json"],
-        env=flower_env(home),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    try:
+        out = subprocess.run(
+            ["flwr", *args, "--format", "json"],
+            env=flower_env(home),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise DeployError(f"flwr {args[0]} did not answer in {timeout:.0f} s") from exc
     start = out.stdout.find("{")
     try:
         reply: dict[str, Any] = json.loads(out.stdout[start:]) if start >= 0 else {}
     except json.JSONDecodeError:
         reply = {}
     if not reply.get("success", False):
-        detail = reply.get("error-message") or (out.stderr or out.stdout).strip()[-800:]
-        raise DeployError(f"flwr {args[0]} failed: {detail}")
+        detail = reply.get("error-message") or last_message(out.stderr or out.stdout)
+        raise DeployError(f"flwr {args[0]} failed: {' '.join(str(detail).split())}")
     return reply
 
 
@@ -190,6 +203,61 @@ def _register_nodes(home: Path, keys: tuple[Path, ...]) -> None:
         log.info("registered device key %s as node %s", key.name, reply.get("node-id"))
 
 
+def _check_certs(opts: CoordinatorOptions) -> None:
+    """The TLS files, checked as the SuperLink will use them (and private keys as ssh would)."""
+    if opts.insecure:
+        return
+    if opts.certs is None:
+        raise DeployError("TLS needs --certs DIR (from `fedpipe certs`), or pass --insecure")
+    if not opts.certs.is_dir():
+        raise DeployError(
+            f"--certs {opts.certs}: no such folder; create it with "
+            f"`fedpipe certs --out {opts.certs} --hosts HOST ...`"
+        )
+    try:
+        check_server_files(opts.certs)
+    except (OSError, ValueError) as exc:
+        reason = os_message(exc) if isinstance(exc, OSError) else str(exc)
+        raise DeployError(f"--certs {opts.certs}: {reason}") from exc
+
+
+def _check_node_keys(opts: CoordinatorOptions) -> None:
+    """Every device key parses as the SuperLink's registration will need it."""
+    for key in opts.node_keys:
+        try:
+            load_node_public_key(key)
+        except FileNotFoundError as exc:
+            raise DeployError(
+                f"--node-keys {key}: no such file; a device writes it with "
+                "`fedpipe node-key --name NAME`"
+            ) from exc
+        except OSError as exc:
+            raise DeployError(f"--node-keys {key}: {os_reason(exc)}") from exc
+        except ValueError as exc:
+            raise DeployError(f"--node-keys {exc}; see `fedpipe node-key`") from exc
+
+
+def _check_port(opts: CoordinatorOptions) -> None:
+    """Bind the port once, as the SuperLink will: taken or unbindable shows here, and not as a
+    SuperLink that dies (or, worse, as another program answering on the port)."""
+    try:
+        family = socket.getaddrinfo(opts.host, opts.port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the SuperLink does
+            sock.bind((opts.host, opts.port))
+    except socket.gaierror as exc:
+        raise DeployError(f"--host {opts.host}: cannot resolve it ({exc.strerror})") from exc
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise DeployError(
+                f"port {opts.port} on {opts.host} is already in use (another fedpipe-server?); "
+                "stop that program or pass another --port"
+            ) from exc
+        raise DeployError(
+            f"cannot listen on {opts.host}:{opts.port}: {os_reason(exc)}; check --host and --port"
+        ) from exc
+
+
 def _check_seal_key(cfg: RunConfig, opts: CoordinatorOptions) -> None:
     """Fail before starting anything when sealing is on and the key is unusable."""
     if not cfg.security.sealed(deployed=True):
@@ -203,7 +271,8 @@ def _check_seal_key(cfg: RunConfig, opts: CoordinatorOptions) -> None:
     try:
         load_aggregator_key(opts.seal_key)
     except (OSError, ValueError) as exc:
-        raise DeployError(f"--seal-key {opts.seal_key}: {exc}") from exc
+        reason = os_reason(exc) if isinstance(exc, OSError) else str(exc)
+        raise DeployError(f"--seal-key {opts.seal_key}: {reason}") from exc
 
 
 class _Progress:
@@ -237,40 +306,80 @@ def run_coordinator(
     resume_dir: Path | None = None,
 ) -> CoordinatorResult:
     """Start the SuperLink, submit the run, follow it to the end, stop everything."""
-    if resume_dir is not None:
-        cfg = config_from_toml((resume_dir / CONFIG_FILE).read_text())
-        run_dir = resume_dir
-    elif cfg is not None:
-        run_dir = create_run_dir(cfg)
-    else:
+    cfg = _resumed_config(resume_dir) if resume_dir is not None else cfg
+    if cfg is None:
         raise ValueError("run_coordinator needs a config or a run directory to resume")
     _check_seal_key(cfg, opts)
+    _check_certs(opts)
+    _check_node_keys(opts)
+    _check_port(opts)
+    made_output_dir = not Path(cfg.output_dir).exists()
+    run_dir = resume_dir or _new_run_dir(cfg)
+    home = _flwr_home(run_dir)
+    superlink: Child | None = None
+    run_id = None
+    try:
+        superlink = _start_superlink(run_dir, opts)
+        _register_nodes(home, opts.node_keys)
+        run_id = _submit(
+            home, _write_app(home), cfg, run_dir, resume_dir is not None, opts.seal_key
+        )
+        say = opts.echo or (lambda line: print(line, flush=True))
+        say(f"run {run_id} submitted; devices connect to {opts.host}:{opts.port} -> {run_dir}")
+        status, details = _follow(home, run_id, run_dir, cfg, superlink, opts.echo)
+    finally:
+        if superlink is not None:
+            superlink.stop()
+        if run_id is None and resume_dir is None:  # never started: leave nothing behind
+            discard_run_dir(run_dir, made_output_dir)
+    if status != "finished:completed":
+        detail = " ".join(details.split())
+        raise DeployError(f"run {run_id} ended {status}: {detail} (see {home / 'superlink.log'})")
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    return CoordinatorResult(run_dir, run_id, status, summary)
+
+
+def _resumed_config(run_dir: Path) -> RunConfig:
+    try:
+        return config_from_toml((run_dir / CONFIG_FILE).read_text())
+    except FileNotFoundError as exc:
+        raise DeployError(
+            f"--resume {run_dir}: no {CONFIG_FILE} there; give a run directory that "
+            "fedpipe-server wrote (runs/<name>-<timestamp>)"
+        ) from exc
+    except (OSError, ConfigError) as exc:
+        reason = os_reason(exc) if isinstance(exc, OSError) else str(exc)
+        raise DeployError(f"--resume {run_dir}: cannot read its {CONFIG_FILE}: {reason}") from exc
+
+
+def _new_run_dir(cfg: RunConfig) -> Path:
+    try:
+        return create_run_dir(cfg)
+    except OSError as exc:
+        where = exc.filename or cfg.output_dir
+        raise DeployError(
+            f"cannot create the run directory {where}: {os_reason(exc)}; "
+            "set output_dir=... to a folder you can write"
+        ) from exc
+
+
+def _start_superlink(run_dir: Path, opts: CoordinatorOptions) -> Child:
+    """The SuperLink, accepting connections; DeployError with its last log line if not."""
     home = _flwr_home(run_dir)
     home.mkdir(parents=True, exist_ok=True)
-    app = _write_app(home)
     _write_connection(home, opts)
     superlink = Child(
         "flower-superlink", _superlink_argv(run_dir, opts), flower_env(home), home / "superlink.log"
     )
     (home / "superlink.pid").write_text(f"{superlink.pid}\n")  # for operators and fault tests
+    host = "127.0.0.1" if opts.host == "0.0.0.0" else opts.host
     try:
-        wait_for_port(
-            "127.0.0.1" if opts.host == "0.0.0.0" else opts.host,
-            opts.port,
-            opts.start_timeout,
-            superlink,
-        )
-        _register_nodes(home, opts.node_keys)
-        run_id = _submit(home, app, cfg, run_dir, resume_dir is not None, opts.seal_key)
-        say = opts.echo or (lambda line: print(line, flush=True))
-        say(f"run {run_id} submitted; devices connect to {opts.host}:{opts.port} -> {run_dir}")
-        status, details = _follow(home, run_id, run_dir, cfg, superlink, opts.echo)
-    finally:
+        wait_for_port(host, opts.port, opts.start_timeout, superlink)
+    except (RuntimeError, TimeoutError) as exc:
         superlink.stop()
-    if status != "finished:completed":
-        raise DeployError(f"run {run_id} ended {status}: {details}\n(see {home / 'superlink.log'})")
-    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    return CoordinatorResult(run_dir, run_id, status, summary)
+        why = superlink.last_message() or str(exc).splitlines()[0]
+        raise DeployError(f"the SuperLink did not start: {why}") from exc
+    return superlink
 
 
 def _follow(
@@ -303,7 +412,10 @@ def _watch(
     while True:
         progress.poll()
         if superlink.poll() is not None:
-            raise DeployError(f"SuperLink exited with code {superlink.poll()}:\n{superlink.tail()}")
+            raise DeployError(
+                f"the SuperLink exited with code {superlink.poll()}: {superlink.last_message()} "
+                f"(see {superlink.log_path})"
+            )
         # Once the ServerApp has written its summary, the end is a moment away.
         every = STATUS_SOON if (run_dir / SUMMARY_FILE).exists() else STATUS_EVERY
         if time.monotonic() - last_check >= every:

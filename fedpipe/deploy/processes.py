@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,9 +18,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-__all__ = ["Child", "flower_env", "free_port", "wait_for_port"]
+__all__ = ["Child", "flower_env", "free_port", "last_message", "wait_for_port"]
 
 PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Log lines that never explain a failure: progress chatter, pointers, traceback scaffolding.
+_NOISE = re.compile(r"^(INFO|DEBUG)\b|^For more information|^Traceback \(|^[\^~]+$")
 OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
@@ -36,6 +40,17 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
+
+
+def last_message(log: str) -> str:
+    """The last line of a Flower log that says something: what a one-line error quotes.
+    Colour codes, INFO chatter and traceback frames (indented) are skipped, so a crash
+    ends up as its exception line."""
+    for raw in reversed(_ANSI.sub("", log).splitlines()):
+        line = " ".join(raw.split())
+        if line and not raw[:1].isspace() and not _NOISE.match(line):
+            return line
+    return ""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -87,6 +102,10 @@ class Child:
     def tail(self, lines: int = 15) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def last_message(self) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return last_message(text)
 
     def wait(self, timeout: float | None = None) -> int:
         return self.proc.wait(timeout)
