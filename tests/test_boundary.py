@@ -7,6 +7,7 @@ import io
 import pickle
 
 import flwr
+import flwr.superlink.grid.http_grid as http_grid
 import numpy as np
 import pytest
 from flwr.app import (
@@ -24,7 +25,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
 from fedpipe.boundary import DecodeBoundary, Rejection, ReplyLimits, limit_array_inflation
-from fedpipe.boundary._inflate import PINNED_FLWR, inflated_size
+from fedpipe.boundary._inflate import _ORIGINAL_CONTENTS, PINNED_FLWR, _total_inflate, inflated_size
 from fedpipe.boundary._records import parse_arrays
 from fedpipe.codec import CastCodec, PayloadError, parse_npy, to_npy
 from fedpipe.records import EVAL_ACCURACY, EVAL_LOSS, METRICS, NUM_EXAMPLES
@@ -157,6 +158,43 @@ def test_guarded_inflation_keeps_honest_arrays_and_empties_chunk_bombs() -> None
         parse_arrays(emptied, limits, "update")
     # With no bound, Flower's own behaviour is unchanged.
     assert len(_round_trip(hostile)["w"].data) == 4096000
+
+
+def _reply_contents(header: ConfigRecord) -> tuple[Message, dict[str, bytes]]:
+    """A reply as its sender deflates it: (the Message, {object id: content})."""
+    msg = Message(RecordDict(), dst_node_id=5, message_type=MessageType.TRAIN)
+    reply = Message(RecordDict({"codec": header}), reply_to=msg)
+    objects = get_all_nested_objects(reply)
+    return reply, {oid: obj.deflate() for oid, obj in objects.items()}
+
+
+def test_a_reply_flower_cannot_parse_becomes_an_error_reply_from_its_sender() -> None:
+    """Invalid UTF-8 in a ConfigRecord body made Flower's parser raise inside
+    pull_messages and ended the run; through the guarded Grid it is an error reply."""
+    header = ConfigRecord({"scheme": "float32", "note": "aXXXb"})
+    reply, contents = _reply_contents(header)
+    honest = header.deflate()
+    bad = honest.replace(b"aXXXb", b"a\xed\xa0\x80b")  # same length: the head still fits
+    contents = {oid: bad if c == honest else c for oid, c in contents.items()}
+    with pytest.raises(Exception, match="Error parsing"):  # Flower as is
+        inflate_object_from_contents(reply.object_id, dict(contents))
+    limit_array_inflation(None)  # installs the guard
+    out = http_grid.inflate_object_from_contents(reply.object_id, dict(contents))
+    assert isinstance(out, Message) and out.has_error()
+    assert "undecodable reply (DecodeError" in out.error.reason
+    assert out.metadata.src_node_id == 5  # from the Message's own body
+    assert out.metadata.reply_to_message_id == reply.metadata.reply_to_message_id
+    out = BOUNDARY.train(out, 1)
+    assert isinstance(out, Rejection) and "undecodable reply" in out.reason
+
+
+def test_the_grid_patch_wraps_the_function_flower_calls() -> None:
+    limit_array_inflation(None)
+    assert http_grid.inflate_object_from_contents is _total_inflate
+    assert _ORIGINAL_CONTENTS is inflate_object_from_contents  # still Flower's own
+    honest, contents = _reply_contents(ConfigRecord({"a": 1}))
+    out = http_grid.inflate_object_from_contents(honest.object_id, contents)
+    assert not out.has_error() and out.content["codec"]["a"] == 1
 
 
 # --- evaluation replies ----------------------------------------------------------------------

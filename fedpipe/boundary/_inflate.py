@@ -1,5 +1,10 @@
-"""A bound on Flower's Array inflation (a small, pinned patch of flwr 1.42).
+"""Flower's inflation of replies, made bounded and total (two small, pinned patches of flwr 1.42).
 
+Flower's Grid turns each pulled reply back into objects (`inflate_object_from_contents`)
+inside `pull_messages`, before any fedpipe code sees it. Two things a device controls
+broke the aggregator there:
+
+1. Size.
 Flower sends an `Array` as a small body plus `ArrayChunk` children, and the body lists
 the chunk to use at each position (`arraychunk_ids`). Nothing stops a sender from
 listing one chunk many times: a 762-byte body and one 5 MiB chunk become 1,000 MiB when
@@ -8,9 +13,15 @@ chunk) -- before any fedpipe code sees the message. Raising there would abort Fl
 `pull_messages` for every reply in the batch, so the guard instead hands back an empty
 Array marked with the size it would have had; fedpipe's decode boundary then drops that
 reply with the reason, and the round goes on.
+2. Totality. Bytes Flower's own parsers refuse (a ConfigRecord body that is not valid
+protobuf, a string that is not valid UTF-8 on the wire) raise inside `pull_messages` and
+ended the whole run. The deployment Grid's `inflate_object_from_contents` is wrapped so
+that a reply that cannot be inflated becomes an error reply from its sender (metadata
+read from the Message's own body), which the decode boundary counts as a rejection.
 
-The patch replaces one classmethod and is checked by a fast test against the flwr
-version it was written for (`PINNED_FLWR`): when Flower changes, the test fails.
+Each patch replaces one name (a classmethod, one module global of the deployment Grid)
+and is checked by a fast test against the flwr version it was written for
+(`PINNED_FLWR`): when Flower changes, the test fails.
 """
 
 from __future__ import annotations
@@ -20,7 +31,14 @@ import logging
 from collections import Counter
 from typing import Any
 
-from flwr.app import Array
+import flwr.superlink.grid.http_grid as http_grid
+from flwr.app import Array, Message, Metadata
+from flwr.app.error import Error
+from flwr.app.message import make_message
+from flwr.common.constant import ErrorCode
+from flwr.common.serde_utils import metadata_from_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.supercore.date import now
 from flwr.supercore.inflatable.inflatable_object import (
     get_object_body,
     get_object_children_ids_from_object_content,
@@ -36,6 +54,7 @@ PINNED_FLWR = "1.42."  # the Array.inflate this guards; tests/test_boundary.py c
 OVERSIZED = "fedpipe-oversized:"
 
 _ORIGINAL = Array.__dict__["inflate"].__func__
+_ORIGINAL_CONTENTS = http_grid.inflate_object_from_contents  # type: ignore[attr-defined]
 _limit: int | None = None
 
 
@@ -71,11 +90,48 @@ def oversized(array: Array) -> int | None:
     return None
 
 
-def limit_array_inflation(max_bytes: int | None) -> None:
-    """Bound every Array this process inflates to `max_bytes` (None: Flower's behaviour).
+def _sender(message_content: bytes | None) -> Metadata:
+    """The metadata in a Message's own body; placeholders if even that cannot be read
+    (the Grid then waits for that reply until the round's timeout, as for a silent one)."""
+    try:
+        assert message_content is not None
+        body = get_object_body(message_content, Message)
+        return metadata_from_proto(ProtoMessage.FromString(body).metadata)
+    except Exception:  # noqa: BLE001 - any failure: nothing from this reply can be trusted
+        return Metadata(
+            run_id=0,
+            message_id="",
+            src_node_id=0,
+            dst_node_id=0,
+            reply_to_message_id="",
+            group_id="",
+            created_at=now().timestamp(),
+            ttl=0,
+            message_type="",
+        )
 
-    The aggregator sets it from the model size before its first round.
+
+def _total_inflate(object_id: str, object_contents: dict[str, bytes], **kwargs: Any) -> Any:
+    """Flower's `inflate_object_from_contents`, but a reply it cannot inflate becomes an
+    error reply instead of an exception that ends `pull_messages` (and the run)."""
+    top = object_contents.get(object_id)
+    try:
+        return _ORIGINAL_CONTENTS(object_id, object_contents, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the Grid must survive any reply
+        reason = f"undecodable reply ({type(exc).__name__}: {str(exc)[:200]})"
+        log.warning("a reply could not be inflated: %s", reason)
+        return make_message(
+            metadata=_sender(top), error=Error(code=ErrorCode.UNKNOWN, reason=reason)
+        )
+
+
+def limit_array_inflation(max_bytes: int | None) -> None:
+    """Bound every Array this process inflates to `max_bytes` (None: Flower's behaviour),
+    and make the deployment Grid's inflation of replies total.
+
+    The aggregator sets it from the model size before each round.
     """
     global _limit
     _limit = max_bytes
     Array.inflate = classmethod(_guarded_inflate)  # type: ignore[method-assign,assignment]
+    http_grid.inflate_object_from_contents = _total_inflate  # type: ignore[attr-defined]
