@@ -118,10 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         for defence in defences:
             rows.append(_measure(overrides, attack, defence))
             r = rows[-1]
-            print(
-                f"{attack:>18} x {defence:<14} {r['final_accuracy']:.4f} ({r['wall_seconds']:.0f} s)",
-                flush=True,
-            )
+            took = f"{r['wall_seconds']:.0f} s"
+            print(f"{attack:>18} x {defence:<14} {r['final_accuracy']:.4f} ({took})", flush=True)
     print(f"\nconfig: {' '.join(overrides)}\n")
     print("final test accuracy (gap to the same defence without attackers, pt)\n")
     print(_table(rows, attacks, defences))
