@@ -479,6 +479,11 @@ def test_hostile_device_cannot_stop_or_steer_a_live_run(coordinator: Coordinator
     out = run_with_hostile_node(c, attacks)
     _check_run(out, attacks)
     run = c.run_dir()
+    # fedpipe-server keeps the ServerApp's log (Flower stores it only in its database).
+    assert (
+        "dropped: bad payload: array bytes are a zip/npz archive"
+        in (run / "serverapp.log").read_text()
+    )
     # The 1000.0 update weighted by 10**6 examples would have moved every weight by ~1000.
     weights = load_checkpoint(run / CHECKPOINT_FILE).arrays
     largest = max(float(np.abs(v).max()) for v in weights.values())

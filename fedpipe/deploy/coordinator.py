@@ -327,6 +327,7 @@ def run_coordinator(
         say = opts.echo or (lambda line: print(line, flush=True))
         say(f"run {run_id} submitted; devices connect to {opts.host}:{opts.port} -> {run_dir}")
         status, details = _follow(home, run_id, run_dir, cfg, superlink, opts.echo)
+        saved = _save_serverapp_log(home, run_id, run_dir)
     finally:
         if superlink is not None:
             superlink.stop()
@@ -334,9 +335,33 @@ def run_coordinator(
             discard_run_dir(run_dir, made_output_dir)
     if status != "finished:completed":
         detail = " ".join(details.split())
-        raise DeployError(f"run {run_id} ended {status}: {detail} (see {home / 'superlink.log'})")
+        where = f"ServerApp log: {saved}" if saved else f"see {home / 'superlink.log'}"
+        raise DeployError(f"run {run_id} ended {status}: {detail} ({where})")
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     return CoordinatorResult(run_dir, run_id, status, summary)
+
+
+SERVERAPP_LOG = "serverapp.log"
+
+
+def _save_serverapp_log(home: Path, run_id: int, run_dir: Path) -> Path | None:
+    """The ServerApp's own log (dropped replies, a failure's traceback) into the run
+    directory: Flower keeps it only in the SuperLink's database, readable while it runs."""
+    try:
+        out = subprocess.run(
+            ["flwr", "log", str(run_id), CONNECTION, "--show"],
+            env=flower_env(home),
+            capture_output=True,
+            text=True,
+            timeout=30.0,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("could not fetch the ServerApp log of run %d: %s", run_id, exc)
+        return None
+    path = run_dir / SERVERAPP_LOG
+    path.write_text(out.stdout)
+    return path
 
 
 def _resumed_config(run_dir: Path) -> RunConfig:
