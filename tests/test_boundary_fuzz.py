@@ -63,7 +63,7 @@ MODEL = {
 }
 HONEST = (1, 2, 3)  # node ids that answer honestly every round
 HOSTILE_PER_ROUND = 60
-ROUNDS = 6  # x 60 hostile x 14 (codec, sealed) settings = 10,080 hostile replies
+ROUNDS = 12  # x 60 hostile x 14 (codec, sealed) settings = 10,080 hostile replies
 MAX_SECONDS_PER_REPLY = 0.5
 MAX_PEAK_BYTES = 64 * 2**20  # what one round may allocate, whatever the replies hold
 
@@ -372,6 +372,11 @@ class HostileGrid:
 
 
 SETTINGS = [(scheme, sealed) for scheme in CODECS for sealed in (False, True)]
+
+
+def test_the_suite_sends_at_least_ten_thousand_hostile_replies() -> None:
+    """Per CI run, through the round loop (and 300 more timed one by one below)."""
+    assert len(SETTINGS) * ROUNDS * HOSTILE_PER_ROUND >= 10_000
 
 
 @pytest.mark.parametrize(("scheme", "sealed"), SETTINGS)
