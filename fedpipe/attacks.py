@@ -27,6 +27,7 @@ from fedpipe.client_app import client_id_of
 from fedpipe.codec import Update
 from fedpipe.config import RunConfig, SimulationConfig
 from fedpipe.data import Split
+from fedpipe.influence import update_norm
 
 __all__ = ["Attack", "attacker_ids", "build_attack", "fault_mod"]
 
@@ -79,9 +80,7 @@ def _scaled(update: Update, factor: float) -> Update:
 
 def _noise(update: Update, scale: float, rng: np.random.Generator) -> Update:
     count = sum(v.size for v in update.values()) or 1
-    rms = float(
-        np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in update.values()) / count)
-    )
+    rms = update_norm(update) / float(np.sqrt(count))
     return {k: rng.normal(0.0, scale * rms, v.shape).astype(np.float32) for k, v in update.items()}
 
 

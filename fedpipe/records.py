@@ -18,7 +18,6 @@ from fedpipe.config import RunConfig, config_from_toml
 
 __all__ = [
     "ARRAYS",
-    "CLAIMS",
     "CODEC",
     "CONFIG",
     "ENCODE_SECONDS",
@@ -45,7 +44,8 @@ ARRAYS = "arrays"  # ArrayRecord: global model (server -> client), decoded weigh
 CONFIG = "config"  # ConfigRecord: per-round instructions from the strategy
 UPDATE = "update"  # ArrayRecord: the encoded update (client -> server)
 # ConfigRecord: the update's header: the codec metadata needed to decode UPDATE and the
-# client's claims (CLAIMS). A seal binds the whole header, so a relay can edit none of it.
+# client's claims (NUM_EXAMPLES, TRAIN_LOSS, CLIENT_ID, TRAIN_SECONDS, ENCODE_SECONDS).
+# A seal binds the whole header, so a relay can edit none of it.
 CODEC = "codec"
 METRICS = "metrics"  # MetricRecord: evaluation metrics; seal timing of a training reply
 # Keys inside records.
@@ -55,8 +55,6 @@ CLIENT_ID = "client-id"
 TRAIN_LOSS = "train_loss"  # the name Flower's strategies average
 TRAIN_SECONDS = "train-seconds"  # client's local training time
 ENCODE_SECONDS = "encode-seconds"  # client's encode time, up to (not including) sealing
-# What a client states about its update, in the CODEC header (authenticated when sealed).
-CLAIMS = (NUM_EXAMPLES, TRAIN_LOSS, CLIENT_ID, TRAIN_SECONDS, ENCODE_SECONDS)
 # METRICS of a training reply: the seal's own cost, measured after the seal was made and
 # so outside it; telemetry only, never used to aggregate.
 SEAL_SECONDS = "seal-seconds"
