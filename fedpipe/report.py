@@ -17,8 +17,10 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 
 from fedpipe.metrics import read_metrics  # noqa: E402
 from fedpipe.rundir import CONFIG_FILE, METRICS_FILE, PARTITION_FILE, SUMMARY_FILE  # noqa: E402
@@ -128,33 +130,104 @@ def _clients(runs: list[dict[str, Any]]) -> Figure:
     return fig
 
 
+# Above this many clients, a bar per client is a smear and the plot shows distributions
+# over clients instead; above this many classes, a legend entry per class is noise.
+MANY_CLIENTS = 30
+MANY_CLASSES = 20
+
+
 def _partition(run: dict[str, Any]) -> Figure | None:
+    """Who holds what: per-client bars for a few clients, distributions for many."""
     part = run["partition"]
-    if not part or "clients" not in part:
+    if not part or "labels" not in part or not part["labels"]:
         return None
-    clients = part["clients"]
-    hists = [c["labels"] for c in clients]
+    hists = np.asarray(part["labels"], dtype=np.int64)
+    if len(hists) <= MANY_CLIENTS:
+        return _partition_per_client(hists, run["label"])
+    return _partition_summary(hists, run["label"])
+
+
+def _partition_per_client(hists: np.ndarray, label: str) -> Figure:
     fig, ax = plt.subplots(figsize=(11, 4))
-    bottom = [0] * len(hists)
-    for label in range(len(hists[0]) if hists else 0):
-        counts = [h[label] for h in hists]
-        ax.bar(range(len(hists)), counts, bottom=bottom, label=f"class {label}")
-        bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
-    ax.set(
-        title=f"Label histogram per client: {run['label']}",
-        xlabel="client id",
-        ylabel="training examples",
-    )
-    ax.legend(fontsize=7, ncol=5)
+    bottom = np.zeros(len(hists), dtype=np.int64)
+    for cls in range(hists.shape[1]):
+        ax.bar(range(len(hists)), hists[:, cls], bottom=bottom, label=f"class {cls}")
+        bottom += hists[:, cls]
+    ax.set(title=f"Label histogram per client: {label}", xlabel="client id")
+    ax.set(ylabel="training examples")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if hists.shape[1] <= MANY_CLASSES:
+        ax.legend(fontsize=7, ncol=5)
     fig.tight_layout()
     return fig
 
 
+def _partition_summary(hists: np.ndarray, label: str) -> Figure:
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4), width_ratios=(1, 1, 1.4))
+    sizes = hists.sum(axis=1)
+    _shard_sizes(a, sizes)
+    _classes_held(b, (hists > 0).sum(axis=1), hists.shape[1])
+    _class_shares(c, hists[sizes > 0] / sizes[sizes > 0, None])
+    fig.suptitle(f"Partition of {len(hists)} clients: {label}")
+    fig.tight_layout()
+    return fig
+
+
+def _shard_sizes(ax: Axes, sizes: np.ndarray) -> None:
+    lo, hi = int(sizes.min()), int(sizes.max())
+    # One bar per size while sizes span few values (iid shards differ by one example).
+    bins: Any = np.arange(lo, hi + 2) - 0.5 if hi - lo < 50 else 50
+    ax.hist(sizes, bins=bins)
+    ax.axvline(float(np.median(sizes)), color="k", linestyle="--", linewidth=1)
+    ax.set(title="Shard sizes (dashed: median)", xlabel="training examples per client")
+    ax.set(ylabel="clients")
+    _integer_ticks(ax, lo, hi)
+
+
+def _integer_ticks(ax: Axes, lo: int, hi: int) -> None:
+    # MaxNLocator falls back to fractional ticks when the range holds only a few integers.
+    if hi - lo <= 10:
+        ax.set_xticks(range(lo, hi + 1))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _classes_held(ax: Axes, held: np.ndarray, num_classes: int) -> None:
+    counts = np.bincount(held, minlength=num_classes + 1)
+    ax.bar(range(num_classes + 1), counts)
+    ax.set(title="Classes held per client", xlabel="distinct classes in the shard")
+    ax.set(ylabel="clients")
+    _integer_ticks(ax, 0, num_classes)
+
+
+def _class_shares(ax: Axes, shares: np.ndarray) -> None:
+    """Per class, how much of a client's shard it makes up, across clients: a box plot
+    (quartiles, whiskers at 5th/95th percentile, mean marked) instead of one bar per client."""
+    last = shares.shape[1] - 1
+    ax.boxplot(shares, positions=range(last + 1), whis=(5, 95), showfliers=False, showmeans=True)
+    ax.set(title="Share of each class in a client's shard", xlabel="class")
+    ax.set(ylabel="share of the client's examples", ylim=(-0.02, 1.02))
+    ax.text(
+        0.99, 0.98, "box: quartiles\nwhiskers: 5th-95th percentile\n▲: mean",
+        transform=ax.transAxes, ha="right", va="top", fontsize=8,
+    )  # fmt: skip
+    ax.xaxis.set_major_formatter(ScalarFormatter())  # boxplot labels positions from 1
+    _integer_ticks(ax, 0, last)
+
+
 def _table(rows: list[tuple[str, Any]]) -> str:
     cells = "".join(
-        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_cell(v))}</td></tr>" for k, v in rows
     )
     return f"<table>{cells}</table>"
+
+
+def _cell(value: Any, shown: int = 10) -> str:
+    """A list of client ids (e.g. simulation.attackers) can hold thousands: show its head."""
+    if isinstance(value, list) and len(value) > shown:
+        head = ", ".join(map(str, value[:shown]))
+        return f"[{head}, ...] ({len(value)} items)"
+    return str(value)
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

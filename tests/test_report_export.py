@@ -118,3 +118,66 @@ def test_live_view_is_a_bar_on_a_terminal_and_lines_elsewhere() -> None:
     assert "2/2" in bar.getvalue() and "acc 0.7000" in bar.getvalue()
     assert "up 4.0 MB down 2.0 MB" in bar.getvalue()  # cumulative
     assert lines.getvalue().count("\n") == 2 and "round   2/2 | acc 0.7000" in lines.getvalue()
+
+
+def _synthetic_run(root: Path, num_clients: int) -> Path:
+    """A run directory as a simulation of `num_clients` leaves it, without running one."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from fedpipe.config import config_to_toml
+    from fedpipe.rundir import write_json
+
+    cfg = load_config(
+        None, [f"partition.num_clients={num_clients}", "partition.scheme='dirichlet'"]
+    )
+    cfg = dataclasses.replace(
+        cfg,
+        simulation=dataclasses.replace(cfg.simulation, fail_clients=tuple(range(num_clients // 5))),
+    )
+    run = root / f"clients-{num_clients}"
+    run.mkdir()
+    (run / "config.toml").write_text(config_to_toml(cfg))
+    lines = (json.dumps(dataclasses.asdict(_record(r))) for r in range(1, 21))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    write_json(run / "summary.json", {"rounds": 20, "final_accuracy": 2.5})
+    rng = np.random.default_rng(0)
+    labels = rng.multinomial(6, rng.dirichlet(np.full(10, 0.5)), size=num_clients)
+    info = {
+        "dataset": "mnist", "scheme": "dirichlet", "num_clients": num_clients,
+        "num_classes": 10, "sizes": labels.sum(axis=1).tolist(), "labels": labels.tolist(),
+    }  # fmt: skip
+    write_json(run / "partition.json", info, compact=True)
+    return run
+
+
+def test_report_of_10000_clients_shows_distributions_not_clients(tmp_path: Path) -> None:
+    import time
+
+    from fedpipe.report import MANY_CLIENTS, _load, _partition
+
+    run = _synthetic_run(tmp_path, 10_000)
+    t0 = time.perf_counter()
+    page = write_report([run])
+    assert time.perf_counter() - t0 < 15  # ~1 s; a bar per client and class took ~70 s
+    assert (run / "report" / "partition-0.png").is_file()
+    text = page.read_text()
+    assert "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, ...] (2000 items)" in text  # not 2000 ids
+    assert len(text) < 1_000_000
+    fig = _partition(_load(run))
+    assert fig is not None and len(fig.axes) == 3
+    assert all(ax.get_legend() is None for ax in fig.axes)
+    assert sum(len(ax.patches) for ax in fig.axes) < 100  # bins and boxes, not clients
+    assert "10000 clients" in fig.get_suptitle() and MANY_CLIENTS < 10_000
+
+
+def test_report_of_few_clients_keeps_per_client_bars(tmp_path: Path) -> None:
+    from fedpipe.report import _load, _partition
+
+    fig = _partition(_load(_synthetic_run(tmp_path, 10)))
+    assert fig is not None
+    (ax,) = fig.axes
+    assert ax.get_legend() is not None and len(ax.get_legend().get_texts()) == 10
+    assert len(ax.patches) == 10 * 10  # a bar per client and class
