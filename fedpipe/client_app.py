@@ -28,6 +28,7 @@ from fedpipe.records import (
     ENCODE_SECONDS,
     EVAL_ACCURACY,
     EVAL_LOSS,
+    IDENTITY,
     METRICS,
     NUM_EXAMPLES,
     SEAL_REQUIRED,
@@ -252,5 +253,12 @@ def make_client_app(
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
         return client_evaluate(msg, context, resolve(context))
+
+    @app.query("identify")
+    def _identify(msg: Message, context: Context) -> Message:
+        """Which client this node is: the aggregator samples by client id."""
+        return Message(
+            RecordDict({IDENTITY: ConfigRecord({CLIENT_ID: client_id_of(context)})}), reply_to=msg
+        )
 
     return app

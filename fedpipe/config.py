@@ -74,6 +74,9 @@ MODELS = ("mlp", "cnn", "resnet18")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 STRATEGIES = ("fedavg", "fedavgm", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+# Strategies whose aggregate is not a weighted mean: they need every update at once.
+BUFFERED_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+AGGREGATIONS = ("auto", "streaming", "buffered")
 CODECS = ("float32", "float16", "int8", "int4", "int2", "sign", "topk")
 DOWNLINKS = ("float32", "float16")
 ATTACKS = ("none", "label_flip", "sign_flip", "scale", "model_replacement", "noise", "inflate")
@@ -189,10 +192,22 @@ class FederationConfig:
     # needs at least 4f + 3 replies), and how many updates multikrum averages.
     num_malicious: int = 0
     krum_select: int = 1
+    # How replies are combined (fedpipe.rounds): "streaming" folds each one into an exact
+    # running sum as it arrives (server memory O(model)); "buffered" holds every update
+    # of the round (O(clients x model)), which the strategies that need all updates at
+    # once require (fedmedian, fedtrimmedavg, krum, multikrum, bulyan); "auto" picks
+    # streaming where the strategy allows it.
+    aggregation: str = "auto"
 
     def __post_init__(self) -> None:
         _range(self.SECTION, "rounds", self.rounds, 1, 100_000)
         _choice(self.SECTION, "strategy", self.strategy, STRATEGIES)
+        _choice(self.SECTION, "aggregation", self.aggregation, AGGREGATIONS)
+        if self.aggregation == "streaming" and self.strategy in BUFFERED_STRATEGIES:
+            raise ConfigError(
+                f"federation.strategy={self.strategy!r} needs every update of a round at "
+                "once; use federation.aggregation=buffered (or auto)"
+            )
         _range(self.SECTION, "fraction_train", self.fraction_train, 0.0, 1.0, lo_open=True)
         _range(self.SECTION, "fraction_evaluate", self.fraction_evaluate, 0.0, 1.0)
         _range(self.SECTION, "min_nodes", self.min_nodes, 1)
@@ -237,6 +252,7 @@ class CodecConfig:
 
 
 NORM_ACTIONS = ("clip", "reject")
+SIM_BACKENDS = ("ray", "inprocess")
 
 
 @dataclass(frozen=True)
@@ -260,6 +276,10 @@ class BoundsConfig:
     # Claims of more examples than this are rejected outright, whatever the reference:
     # the total weight of a round can then never overflow.
     max_examples: int = 1_000_000_000
+    # A round without a previous round's reference (a run's first) takes its reference
+    # from the first this-many valid replies in sample order, holding later replies
+    # until those have settled: order-independent, and memory for this many updates.
+    reference_clients: int = 16
 
     def __post_init__(self) -> None:
         _range(self.SECTION, "weight_ratio", self.weight_ratio, 0.0, 1e6)
@@ -268,6 +288,7 @@ class BoundsConfig:
         _range(self.SECTION, "norm_ratio", self.norm_ratio, 0.0, 1e6)
         _choice(self.SECTION, "norm_action", self.norm_action, NORM_ACTIONS)
         _range(self.SECTION, "max_examples", self.max_examples, 1, 10**12)
+        _range(self.SECTION, "reference_clients", self.reference_clients, 1, 100_000)
 
 
 SEAL_MODES = ("auto", "on", "off")
@@ -290,11 +311,29 @@ class SecurityConfig:
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    """Single-machine simulation with Flower's simulation engine."""
+    """Virtual clients run by cohort workers (fedpipe.sim) on Ray, locally or on a cluster.
+
+    A worker runs the ClientApp for one client after another and keeps its clients'
+    state; clients are never processes or Ray tasks of their own.
+    """
 
     SECTION: ClassVar[str] = "simulation"
-    # CPU cores reserved per virtual client; 2 cores / 1.0 = two clients train at once.
+    # Resources of one worker, which trains one client at a time: 2 cores / 1.0 = two
+    # workers. GPU shares let several workers use one GPU (0.5 = two per GPU).
     cpus_per_client: float = 1.0
+    gpus_per_client: float = 0.0
+    # Workers to start; 0 = as many as the cluster's resources allow (never more than
+    # there are clients).
+    workers: int = 0
+    # Clients a worker runs per call: larger amortizes the call, smaller streams replies
+    # sooner (server memory holds about 2 x workers x cohort_size replies at most).
+    cohort_size: int = 8
+    # "ray": workers are Ray actors; "inprocess": one worker inside the driver (no Ray:
+    # for a debugger, a machine without Ray, or a quick test).
+    backend: str = "ray"
+    # An existing Ray cluster ("auto" or "HOST:6379"; `ray start --head` on one machine,
+    # `ray start --address=HOST:6379` on the others); empty starts a local Ray.
+    ray_address: str = ""
     # Fault injection for resilience tests: these client ids raise during training.
     fail_clients: tuple[int, ...] = ()
     # Attack simulation (fedpipe.attacks): what the attacking clients do, and who they
@@ -308,6 +347,10 @@ class SimulationConfig:
 
     def __post_init__(self) -> None:
         _range(self.SECTION, "cpus_per_client", self.cpus_per_client, 0.0, 1024.0, lo_open=True)
+        _range(self.SECTION, "gpus_per_client", self.gpus_per_client, 0.0, 64.0)
+        _range(self.SECTION, "workers", self.workers, 0, 100_000)
+        _range(self.SECTION, "cohort_size", self.cohort_size, 1, 100_000)
+        _choice(self.SECTION, "backend", self.backend, SIM_BACKENDS)
         for cid in self.fail_clients:
             _range(self.SECTION, "fail_clients[]", cid, 0)
         _choice(self.SECTION, "attack", self.attack, ATTACKS)

@@ -23,6 +23,8 @@ __all__ = [
     "ENCODE_SECONDS",
     "EVAL_ACCURACY",
     "EVAL_LOSS",
+    "IDENTIFY",
+    "IDENTITY",
     "METRICS",
     "NUM_EXAMPLES",
     "RUN_CONFIG_KEY",
@@ -47,7 +49,10 @@ UPDATE = "update"  # ArrayRecord: the encoded update (client -> server)
 # client's claims (NUM_EXAMPLES, TRAIN_LOSS, CLIENT_ID, TRAIN_SECONDS, ENCODE_SECONDS).
 # A seal binds the whole header, so a relay can edit none of it.
 CODEC = "codec"
+IDENTITY = "identity"  # ConfigRecord: a node's answer to the identify stage (CLIENT_ID)
 METRICS = "metrics"  # MetricRecord: evaluation metrics; seal timing of a training reply
+# Message types of fedpipe's stages beyond Flower's default "train"/"evaluate".
+IDENTIFY = "query.identify"  # which client a node is: asked once per node
 # Keys inside records.
 NUM_EXAMPLES = "num-examples"  # Flower strategies weight by this
 SERVER_ROUND = "server-round"  # injected by Flower strategies into CONFIG

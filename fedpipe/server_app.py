@@ -25,9 +25,10 @@ from fedpipe.metrics import MetricsLog
 from fedpipe.models import build_model
 from fedpipe.progress import RoundProgress
 from fedpipe.records import config_from_run_config
+from fedpipe.rounds.engine import RoundPlan
 from fedpipe.rundir import METRICS_FILE, MODEL_FILE, SUMMARY_FILE, save_model, write_json
 from fedpipe.seed import set_seed
-from fedpipe.strategy import CodecStrategy, build_strategy
+from fedpipe.strategy import CodecStrategy, build_strategy, streams
 from fedpipe.training import evaluate
 
 __all__ = ["make_server_app", "run_server"]
@@ -111,6 +112,15 @@ def run_server(
         round_offset=done,
         opener=_opener(*seal) if seal is not None else None,
         bounds=cfg.bounds,
+        streaming=streams(cfg.federation),
+        plan=RoundPlan(
+            fraction_train=cfg.federation.fraction_train,
+            fraction_evaluate=cfg.federation.fraction_evaluate,
+            min_nodes=cfg.federation.min_nodes,
+            seed=cfg.seed,
+            poll_s=cfg.federation.poll_interval,
+        ),
+        on_progress=view.clients_done,
     )
     if done < cfg.federation.rounds:
         with _closing(view):
@@ -154,29 +164,19 @@ def _deployed_seal_key(cfg: RunConfig, run_config: Mapping[str, object]) -> X255
 def make_server_app(
     cfg: RunConfig | None = None,
     run_dir: Path | None = None,
-    errors: list[BaseException] | None = None,
     seal_key: X25519PrivateKey | None = None,
 ) -> ServerApp:
-    """A ServerApp bound to `cfg` and `run_dir`, or reading them from the run config.
-
-    Flower's simulation runs the ServerApp in a thread and only logs its exceptions;
-    `errors` collects them so the caller can fail with the real reason.
-    """
+    """A ServerApp bound to `cfg` and `run_dir`, or reading them from the run config."""
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        try:
-            run_config = dict(context.run_config)
-            run_cfg = cfg or config_from_run_config(run_config)
-            out = run_dir if run_dir is not None else Path(str(run_config["run-dir"]))
-            resume = bool(run_config.get("resume", False))
-            key = seal_key if cfg is not None else _deployed_seal_key(run_cfg, run_config)
-            seal = (context.run_id, key) if key is not None else None
-            run_server(grid, run_cfg, out, resume=resume, seal=seal)
-        except BaseException as exc:
-            if errors is not None:
-                errors.append(exc)
-            raise
+        run_config = dict(context.run_config)
+        run_cfg = cfg or config_from_run_config(run_config)
+        out = run_dir if run_dir is not None else Path(str(run_config["run-dir"]))
+        resume = bool(run_config.get("resume", False))
+        key = seal_key if cfg is not None else _deployed_seal_key(run_cfg, run_config)
+        seal = (context.run_id, key) if key is not None else None
+        run_server(grid, run_cfg, out, resume=resume, seal=seal)
 
     return app

@@ -1,26 +1,38 @@
-"""Single-machine simulation: N virtual clients on Flower's simulation engine (Ray)."""
+"""Simulation: N virtual clients run by cohort workers on Ray, one machine or a cluster.
+
+The ServerApp and ClientApp are the deployed ones; the Grid between them is
+`fedpipe.sim.CohortGrid` instead of Flower's simulation engine, which spent ~40 ms of
+Ray and state handling per client message (see fedpipe.sim.worker).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from flwr.common.constant import SUPERLINK_NODE_ID
+
 from fedpipe.config import RunConfig
-from fedpipe.data import label_histograms, load_dataset, partition_indices
+from fedpipe.data import load_dataset
 from fedpipe.deploy.processes import OFFLINE_ENV
 from fedpipe.errors import os_reason
+from fedpipe.partition_info import write_partition_info
 from fedpipe.rundir import (
     METRICS_FILE,
-    PARTITION_FILE,
     SUMMARY_FILE,
     create_run_dir,
     discard_run_dir,
     write_json,
 )
+from fedpipe.sim import CohortGrid, CohortWorker, InProcessPool, RayPool, WorkerPool
 
 __all__ = ["RunFailed", "SimulationResult", "offline_env", "quiet_flower", "run_simulation"]
 
@@ -71,44 +83,49 @@ def _important(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING and not any(n in str(record.msg) for n in _NOISE)
 
 
-def log_partition(cfg: RunConfig, run_dir: Path) -> None:
-    """Log and save every client's shard size and label histogram."""
-    data = load_dataset(cfg.data)
-    labels = data.train.y.numpy()
-    parts = partition_indices(cfg.data, cfg.partition, cfg.seed)
-    hists = label_histograms(labels, list(parts), data.num_classes)
-    for cid, (idx, hist) in enumerate(zip(parts, hists, strict=True)):
-        log.info("client %d: %d examples, labels %s", cid, len(idx), hist)
-    write_json(
-        run_dir / PARTITION_FILE,
-        {
-            "dataset": data.name,
-            "scheme": cfg.partition.scheme,
-            "clients": [
-                {"client": c, "size": len(p), "labels": h}
-                for c, (p, h) in enumerate(zip(parts, hists, strict=True))
-            ],
-        },
-    )
-
-
-def _backend_config(cfg: RunConfig) -> dict[str, Any]:
-    return {
-        "client_resources": {"num_cpus": cfg.simulation.cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"include_dashboard": False, "num_cpus": os.cpu_count() or 1},
-    }
-
-
-def _stop_ray() -> None:
-    """Flower leaves Ray running after a simulation; fedpipe leaves no process behind."""
+def _connect_ray(cfg: RunConfig) -> bool:
+    """Connect to the configured cluster, or start a local Ray; False if already on one."""
     import ray
 
     if ray.is_initialized():
-        ray.shutdown()
+        return False
+    if cfg.simulation.ray_address:
+        ray.init(address=cfg.simulation.ray_address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def _worker_count(cfg: RunConfig) -> int:
+    """simulation.workers, or as many as the cluster's CPUs (and GPUs) allow."""
+    sim = cfg.simulation
+    if sim.workers:
+        return min(sim.workers, cfg.partition.num_clients)
+    import ray
+
+    res: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    count = int(res.get("CPU", 1.0) // sim.cpus_per_client)
+    if sim.gpus_per_client > 0:
+        count = min(count, int(res.get("GPU", 0.0) // sim.gpus_per_client))
+        if count < 1:
+            raise RunFailed(
+                f"simulation.gpus_per_client={sim.gpus_per_client} but the Ray cluster has "
+                f"{res.get('GPU', 0.0):g} GPU(s)"
+            )
+    return max(1, min(count, cfg.partition.num_clients))
+
+
+def _pool(cfg: RunConfig, make_worker: Callable[[], Any]) -> WorkerPool:
+    sim = cfg.simulation
+    if sim.backend == "inprocess":
+        return InProcessPool(make_worker)
+    size = _worker_count(cfg)
+    log.info("simulation: %d cohort worker(s) on Ray", size)
+    return RayPool(make_worker, size, sim.cpus_per_client, sim.gpus_per_client)
 
 
 def run_simulation(cfg: RunConfig, run_dir: Path | None = None) -> SimulationResult:
-    """Run `cfg` on the simulation engine and return the run directory and summary.
+    """Run `cfg` with cohort workers and return the run directory and summary.
 
     Without `run_dir`, a fresh one is made under `cfg.output_dir` once the dataset loads,
     and removed again (with `output_dir` when this run made it) if the run fails before
@@ -140,36 +157,77 @@ def run_simulation(cfg: RunConfig, run_dir: Path | None = None) -> SimulationRes
 
 
 def _simulate(cfg: RunConfig, run_dir: Path) -> SimulationResult:
-    log_partition(cfg, run_dir)
+    write_partition_info(cfg, run_dir)
 
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-    from flwr.simulation import run_simulation as flwr_run_simulation
+    from flwr.app import Context, RecordDict
 
     from fedpipe.attacks import build_attack, fault_mod
     from fedpipe.client_app import make_client_app
     from fedpipe.crypto.seal import public_bytes
     from fedpipe.server_app import make_server_app
 
-    errors: list[BaseException] = []
+    # A simulated aggregator's key lives for one run; deployment uses `fedpipe keys`.
+    key = X25519PrivateKey.generate() if cfg.security.sealed(deployed=False) else None
+    fault = fault_mod(cfg.simulation)
+    app = make_client_app(
+        cfg,
+        seal_key=public_bytes(key.public_key()) if key else None,
+        hooks=build_attack(cfg),
+        mods=[fault] if fault else None,
+    )
+    run_id = secrets.randbits(62)
+    threads = max(1, int(cfg.simulation.cpus_per_client))
+    make_worker = partial(CohortWorker, app, run_id, cfg.partition.num_clients, threads)
+    started_ray = cfg.simulation.backend == "ray" and _connect_ray(cfg)
     try:
-        # A simulated aggregator's key lives for one run; deployment uses `fedpipe keys`.
-        key = X25519PrivateKey.generate() if cfg.security.sealed(deployed=False) else None
-        fault = fault_mod(cfg.simulation)
-        flwr_run_simulation(
-            server_app=make_server_app(cfg, run_dir, errors, seal_key=key),
-            client_app=make_client_app(
-                cfg,
-                seal_key=public_bytes(key.public_key()) if key else None,
-                hooks=build_attack(cfg),
-                mods=[fault] if fault else None,
-            ),
-            num_supernodes=cfg.partition.num_clients,
-            backend_config=_backend_config(cfg),
+        grid = CohortGrid(
+            _pool(cfg, make_worker), cfg.partition.num_clients, cfg.simulation.cohort_size, run_id
         )
+        try:
+            server = make_server_app(cfg, run_dir, seal_key=key)
+            with _serverapp_identity(run_id):
+                server(grid, Context(run_id, SUPERLINK_NODE_ID, {}, RecordDict(), {}))
+            placement = grid.pool.placement()
+        finally:
+            grid.close()
+    except RunFailed:
+        raise
+    except Exception as exc:
+        raise RunFailed(f"simulation failed: {exc!r} (run directory {run_dir})") from exc
     finally:
-        _stop_ray()
+        if started_ray:
+            _stop_ray()
     summary_path = run_dir / SUMMARY_FILE
-    if errors or not summary_path.exists():
-        reason = repr(errors[0]) if errors else "the ServerApp stopped before the last round"
-        raise RunFailed(f"simulation failed: {reason} (run directory {run_dir})")
-    return SimulationResult(run_dir, json.loads(summary_path.read_text()))
+    if not summary_path.exists():
+        raise RunFailed(
+            f"simulation failed: the ServerApp stopped before the last round "
+            f"(run directory {run_dir})"
+        )
+    summary = json.loads(summary_path.read_text())
+    summary["workers"] = placement
+    write_json(summary_path, summary)
+    return SimulationResult(run_dir, summary)
+
+
+@contextmanager
+def _serverapp_identity(run_id: int) -> Iterator[None]:
+    """Who is sending: Flower's Message() reads the run id from the process's task
+    identity, which Flower's own runtimes set before they start a ServerApp."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id = 1, run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def _stop_ray() -> None:
+    """Disconnect from Ray; a local Ray this run started stops with it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,11 +1,21 @@
 """The decode wrapper around any Flower Message-API strategy.
 
-`CodecStrategy` sits between Flower's round loop (`Strategy.start`, reused as is) and
-the real strategy (FedAvg by default). Each training reply carries an *encoded update*;
-the wrapper decodes it against the global model it broadcast, validates it, turns it
-into the full float32 weights `global + update` that every Flower strategy expects, and
-drops anything that fails, with the reason logged and counted, so one bad client never
-stops a round. It also measures what each round cost on the wire.
+`CodecStrategy` wraps the real strategy (FedAvg by default): the inner strategy
+configures each round's messages and computes the aggregate; fedpipe's round engine
+(`fedpipe.rounds`, reached through `start`) runs the rounds. Each training reply
+carries an *encoded update*; the wrapper decodes it against the global model it
+broadcast, validates it, bounds its influence, and folds it in as it arrives, dropping
+anything that fails with the reason logged and counted, so one bad client never stops
+a round. It also measures what each round cost on the wire.
+
+Two ways to combine a round's updates (`federation.aggregation`):
+- streaming (FedAvg, FedAvgM): each update goes into an exact fixed-point running sum
+  (`fedpipe.rounds.accumulate.ExactSum`) and is released; server memory is O(model).
+  The inner strategy then sees a single reply, the weighted mean with the round's total
+  weight, which for a weighted-mean strategy aggregates to the same thing.
+- buffered (FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan, or when asked): every
+  admitted update is held until the round ends, O(clients x model) memory (one float32
+  model per reply), then handed to the inner strategy in client order.
 """
 
 from __future__ import annotations
@@ -13,9 +23,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,26 +51,45 @@ from fedpipe.boundary import (
     limit_array_inflation,
 )
 from fedpipe.codec import Codec, Update
-from fedpipe.config import BoundsConfig, FederationConfig
-from fedpipe.influence import InfluenceGuard, update_norm
+from fedpipe.config import BUFFERED_STRATEGIES, BoundsConfig, FederationConfig
+from fedpipe.influence import InfluenceGuard, ReferenceGate, update_norm
 from fedpipe.metrics import RoundRecord
 from fedpipe.records import ARRAYS, METRICS, NUM_EXAMPLES, SEAL_REQUIRED, TRAIN_LOSS, wire_bytes
+from fedpipe.rounds.accumulate import BufferedUpdates, ExactSum, HeldUpdate, OutOfRange
+from fedpipe.rounds.engine import RoundEngine, RoundPlan
 
-__all__ = ["CodecStrategy", "apply_update", "build_strategy", "cast_like", "compress_broadcast"]
+__all__ = [
+    "CodecStrategy",
+    "apply_update",
+    "build_strategy",
+    "cast_like",
+    "compress_broadcast",
+    "streams",
+]
 
 log = logging.getLogger(__name__)
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
 
+def streams(cfg: FederationConfig) -> bool:
+    """Whether rounds fold updates as they arrive (else every update is held)."""
+    return cfg.aggregation != "buffered" and cfg.strategy not in BUFFERED_STRATEGIES
+
+
 def build_strategy(cfg: FederationConfig) -> Strategy:
-    """The configured Flower strategy; fedpipe wraps it, never replaces it."""
+    """The configured Flower strategy; fedpipe wraps it, never replaces it.
+
+    fedpipe's engine samples the round (reproducibly, `fedpipe.rounds.sampling`) and
+    shows the inner strategy only the sampled nodes, so the inner strategy takes all of
+    them: fraction 1 and no minimum of its own (the engine enforces min_nodes).
+    """
     common: dict[str, Any] = {
-        "fraction_train": cfg.fraction_train,
-        "fraction_evaluate": cfg.fraction_evaluate,
-        "min_train_nodes": cfg.min_nodes,
-        "min_evaluate_nodes": cfg.min_nodes if cfg.fraction_evaluate > 0 else 0,
-        "min_available_nodes": cfg.min_nodes,
+        "fraction_train": 1.0,
+        "fraction_evaluate": 1.0 if cfg.fraction_evaluate > 0 else 0.0,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1 if cfg.fraction_evaluate > 0 else 0,
+        "min_available_nodes": 1,
     }
     if cfg.strategy == "fedavgm":
         return FedAvgM(**common, server_momentum=cfg.server_momentum)
@@ -140,10 +168,31 @@ class _Round:
     train_loss: float | None = None
 
 
-class CodecStrategy(Strategy):
-    """Decode, validate and account for replies, then delegate to `inner`."""
+Pending = tuple[DecodedReply, float]  # a decoded reply and its update's L2 norm
 
-    def __init__(
+
+@dataclass
+class _Intake:
+    """One training stage's replies on their way into the aggregate."""
+
+    server_round: int
+    gate: ReferenceGate[Pending]
+    clients: Mapping[int, int]  # node -> client id it identified as (when known)
+    max_terms: int
+    weights: list[float] = field(default_factory=list)  # every decoded reply's claim
+    norms: list[float] = field(default_factory=list)  # ... and norm: next reference
+    factors: list[float] = field(default_factory=list)  # admitted weight / max weight
+    losses: list[float] = field(default_factory=list)  # admitted weight x train loss
+    admitted: list[float] = field(default_factory=list)  # admitted weights
+    exact: ExactSum | None = None
+    max_weight: float = 1.0
+    held: BufferedUpdates = field(default_factory=BufferedUpdates)
+
+
+class CodecStrategy(Strategy):
+    """Decode, validate, bound and fold replies; the inner strategy aggregates."""
+
+    def __init__(  # noqa: PLR0913 - every part is configured by the caller
         self,
         inner: Strategy,
         codec: Codec,
@@ -153,22 +202,28 @@ class CodecStrategy(Strategy):
         round_offset: int = 0,
         opener: Opener | None = None,
         bounds: BoundsConfig | None = None,
+        streaming: bool = True,
+        plan: RoundPlan | None = None,
+        on_progress: Callable[[int, int, int], None] | None = None,
     ) -> None:
         self.inner = inner
         self.codec = codec
         self.downlink = downlink
         self.checkpoint = checkpoint
-        # Rounds already done before this start() (a resumed run): Flower's loop counts
-        # from 1, clients and records see the run's own round numbers.
+        # Rounds already done before this start() (a resumed run).
         self.round_offset = round_offset
         # Sealed updates: opens each payload for (round, node) or raises PayloadError.
         self.opener = opener
         self.on_round_end = on_round_end
+        self.on_progress = on_progress  # (round, replies so far, sent) within a stage
         self.bounds = bounds or BoundsConfig()
         self.guard = InfluenceGuard(self.bounds)
+        self.streaming = streaming
+        self.plan = plan or RoundPlan()
         self._global: Update = {}
         self._boundary = DecodeBoundary(codec, {}, opener, max_examples=self.bounds.max_examples)
         self._round = _Round(started=time.perf_counter())
+        self._intake: _Intake | None = None
 
     # -- sending ----------------------------------------------------------------------
 
@@ -190,6 +245,8 @@ class CodecStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """Messages for the nodes `grid` offers, in its order (the engine's sample order:
+        the first of them set the bounds reference when there is no earlier one)."""
         self._round = _Round(started=time.perf_counter())
         self._global = {k: a.numpy() for k, a in arrays.items()}
         limits = ReplyLimits.for_model(self._global)
@@ -198,17 +255,24 @@ class CodecStrategy(Strategy):
         )
         # Flower's Grid inflates each reply before fedpipe sees it: bound that too.
         limit_array_inflation(limits.max_array_bytes)
-        server_round += self.round_offset
         if self.opener is not None:  # tells devices without the key why they are refused
             config = ConfigRecord({**config, SEAL_REQUIRED: True})
+        order = {node: i for i, node in enumerate(grid.get_node_ids())}
         messages = self._send(self.inner.configure_train(server_round, arrays, config, grid))
+        messages.sort(key=lambda m: order.get(m.metadata.dst_node_id, len(order)))
         self._round.sampled = len(messages)
+        nodes = [m.metadata.dst_node_id for m in messages]
+        self._intake = _Intake(
+            server_round=server_round,
+            gate=ReferenceGate(nodes, self.bounds.reference_clients, self.guard.reference),
+            clients=dict(getattr(grid, "clients", {})),
+            max_terms=max(1, len(messages)),
+        )
         return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        server_round += self.round_offset
         return self._send(self.inner.configure_evaluate(server_round, arrays, config, grid))
 
     # -- receiving --------------------------------------------------------------------
@@ -228,73 +292,126 @@ class CodecStrategy(Strategy):
         r.train_seconds += claims.train_seconds
         r.slowest_train_seconds = max(r.slowest_train_seconds, claims.train_seconds)
 
-    def _decode_all(
-        self, server_round: int, replies: list[Message]
-    ) -> list[tuple[DecodedReply, Message]]:
-        """Every reply through the decode boundary; rejections are logged and counted."""
-        # A node that answers twice in a round (a replay, or a confused device) is dropped
-        # altogether: which of its replies is genuine cannot be told.
-        counts = Counter(m.metadata.src_node_id for m in replies if not m.has_error())
-        decoded: list[tuple[DecodedReply, Message]] = []
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if counts[node] > 1 and not msg.has_error():
-                reason = f"{counts[node]} replies from node {node} in round {server_round}"
-                self._reject(Rejection(node, reason))
-                continue
-            t0 = time.perf_counter()
-            out = self._boundary.train(msg, server_round)
-            self._round.decode_seconds += time.perf_counter() - t0
-            if isinstance(out, Rejection):
-                self._reject(out)
-            else:
-                self._account(out)
-                decoded.append((out, msg))
-        # Aggregate in client order: float sums then do not depend on arrival order.
-        decoded.sort(key=lambda pair: (pair[0].claims.client_id, pair[0].node_id))
-        return decoded
+    def receive_train(self, msg: Message) -> None:
+        """One training reply: decode, check, then fold (or hold until the round's bounds
+        reference is known). Never raises for anything the reply contains."""
+        intake = self._intake
+        if intake is None:
+            raise RuntimeError("receive_train before configure_train")
+        node = msg.metadata.src_node_id
+        t0 = time.perf_counter()  # decode_seconds: boundary, norm and fold together
+        out = self._boundary.train(msg, intake.server_round)
+        if isinstance(out, DecodedReply):
+            said = intake.clients.get(node)
+            if said is not None and out.claims.client_id != said:
+                reason = f"claims client {out.claims.client_id} but identified as {said}"
+                out = Rejection(node, reason, out.wire_bytes)
+        if isinstance(out, Rejection):
+            self._reject(out)
+            released = intake.gate.offer(node, None)
+        else:
+            self._account(out)
+            weight, norm = float(out.claims.num_examples), update_norm(out.update)
+            intake.weights.append(weight)
+            intake.norms.append(norm)
+            released = intake.gate.offer(node, (out, norm), weight, norm)
+        for pending in released:
+            self._fold(intake, *pending)
+        self._round.decode_seconds += time.perf_counter() - t0
 
-    def _bounded(self, decoded: list[tuple[DecodedReply, Message]]) -> list[Message]:
-        """Each update within the influence bounds, as the full weights Flower averages."""
-        norms = [update_norm(d.update) for d, _ in decoded]
-        weights = [float(d.claims.num_examples) for d, _ in decoded]
-        ref = self.guard.reference_for(weights, norms)
-        self.guard.end_round(weights, norms)
-        bounded: list[Message] = []
-        for (reply, msg), norm, weight in zip(decoded, norms, weights, strict=True):
-            admitted = self.guard.admit(weight, reply.update, norm, ref)
-            if admitted.rejected is not None:
-                self._reject(Rejection(reply.node_id, admitted.rejected))
-                continue
-            self._round.capped += admitted.capped
-            self._round.clipped += admitted.clipped
-            metrics = MetricRecord(
-                {NUM_EXAMPLES: admitted.weight, TRAIN_LOSS: reply.claims.train_loss}
+    def _fold(self, intake: _Intake, reply: DecodedReply, norm: float) -> None:
+        """Bound one reply against the round's reference and add it to the aggregate."""
+        ref = intake.gate.reference
+        admitted = self.guard.admit(float(reply.claims.num_examples), reply.update, norm, ref)
+        if admitted.rejected is not None:
+            self._reject(Rejection(reply.node_id, admitted.rejected))
+            return
+        if self.streaming:
+            if intake.exact is None:  # the grid is fixed by the reference, before any term
+                intake.max_weight = self.guard.max_weight(ref)
+                intake.exact = ExactSum(
+                    self._global, intake.max_terms, self.guard.max_coordinate(ref)
+                )
+            factor = admitted.weight / intake.max_weight
+            try:
+                intake.exact.add(admitted.update, factor)
+            except OutOfRange as exc:
+                self._reject(Rejection(reply.node_id, str(exc)))
+                return
+            intake.factors.append(factor)
+        else:
+            intake.held.add(
+                HeldUpdate(
+                    reply.claims.client_id,
+                    reply.node_id,
+                    admitted.weight,
+                    reply.claims.train_loss,
+                    admitted.update,
+                )
             )
-            full = apply_update(self._global, admitted.update)
-            msg.content = RecordDict({ARRAYS: full, METRICS: metrics})
-            bounded.append(msg)
-        return bounded
+        self._round.capped += admitted.capped
+        self._round.clipped += admitted.clipped
+        intake.admitted.append(admitted.weight)
+        intake.losses.append(admitted.weight * reply.claims.train_loss)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        server_round += self.round_offset
-        accepted = self._bounded(self._decode_all(server_round, list(replies)))
-        self._round.replied = len(accepted)
-        lost = self._round.sampled - len(accepted) - self._round.rejected
+    def finish_train(self, server_round: int) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The round's aggregate from what was folded (None if nothing was)."""
+        intake, self._intake = self._intake, None
+        if intake is None:
+            return None, None
+        for pending in intake.gate.close():
+            self._fold(intake, *pending)
+        self.guard.end_round(intake.weights, intake.norms)
+        self._round.replied = len(intake.admitted)
+        lost = self._round.sampled - self._round.replied - self._round.rejected
         if lost > 0:
             log.warning("round %d: %d sampled client(s) did not reply in time", server_round, lost)
-        if not accepted:
+        if not intake.admitted:
             log.warning("round %d: no valid update; the global model is unchanged", server_round)
             return None, None
-        arrays, metrics = self.inner.aggregate_train(server_round, accepted)
+        replies = self._streamed(intake) if self.streaming else self._buffered(intake)
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
         if arrays is not None:
             arrays = cast_like({k: a.numpy() for k, a in arrays.items()}, self._global)
         loss = metrics.get(TRAIN_LOSS) if metrics is not None else None
         if isinstance(loss, int | float):
             self._round.train_loss = float(loss)
         return arrays, metrics
+
+    def _streamed(self, intake: _Intake) -> list[Message]:
+        """The round as one reply: the exact weighted mean, with the round's total weight.
+
+        Sums of the weights use math.fsum (correctly rounded, so order-independent).
+        """
+        assert intake.exact is not None
+        total = intake.exact.total()
+        scale = 1.0 / math.fsum(intake.factors)
+        weight = math.fsum(intake.admitted)
+        mean = {k: g.astype(np.float64) + total[k] * scale for k, g in self._global.items()}
+        metrics = MetricRecord(
+            {NUM_EXAMPLES: weight, TRAIN_LOSS: math.fsum(intake.losses) / weight}
+        )
+        content = RecordDict({ARRAYS: cast_like(mean, self._global), METRICS: metrics})
+        return [Message(content, dst_node_id=0, message_type="train")]
+
+    def _buffered(self, intake: _Intake) -> list[Message]:
+        """Every admitted update as the full weights Flower's strategies average."""
+        replies: list[Message] = []
+        for held in intake.held.in_client_order():
+            metrics = MetricRecord({NUM_EXAMPLES: held.weight, TRAIN_LOSS: held.train_loss})
+            content = RecordDict(
+                {ARRAYS: apply_update(self._global, held.update), METRICS: metrics}
+            )
+            replies.append(Message(content, dst_node_id=held.node_id, message_type="train"))
+        return replies
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's Strategy API: every reply at once, through the same streaming path."""
+        for msg in replies:
+            self.receive_train(msg)
+        return self.finish_train(server_round)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -308,11 +425,10 @@ class CodecStrategy(Strategy):
                 log.warning("evaluation reply from node %d dropped: %s", out.node_id, out.reason)
                 continue
             self._round.bytes_up += wire_bytes(msg.content)  # checked: safe to serialize
-            msg.content = out
-            kept.append(msg)
+            kept.append(Message(out, dst_node_id=msg.metadata.src_node_id, message_type="evaluate"))
         if not kept:
             return None
-        return self.inner.aggregate_evaluate(server_round + self.round_offset, kept)
+        return self.inner.aggregate_evaluate(server_round, kept)
 
     def summary(self) -> None:
         log.info("fedpipe codec %r around %s", self.codec.name, type(self.inner).__name__)
@@ -320,7 +436,8 @@ class CodecStrategy(Strategy):
 
     # -- the round loop ---------------------------------------------------------------
 
-    def _finish_round(self, server_round: int, central: MetricRecord | None) -> None:
+    def finish_round(self, server_round: int, central: MetricRecord | None) -> RoundRecord:
+        """The round's record (after centralized evaluation), handed to on_round_end."""
         r = self._round
         central = central or MetricRecord()
         params = sum(int(v.size) for v in self._global.values())
@@ -348,6 +465,7 @@ class CodecStrategy(Strategy):
         )
         if self.on_round_end is not None:
             self.on_round_end(rec)
+        return rec
 
     def start(  # noqa: PLR0913 - mirrors Strategy.start
         self,
@@ -359,29 +477,16 @@ class CodecStrategy(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: EvaluateFn | None = None,
     ) -> Result:
-        """Flower's own round loop; centralized evaluation closes each round's record."""
-
-        def evaluate_and_record(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            server_round = local_round + self.round_offset
-            res = evaluate_fn(server_round, arrays) if evaluate_fn else None
-            if local_round > 0:
-                self._finish_round(server_round, res)
-                if self.checkpoint is not None:  # after the metrics line: no gap on resume
-                    self.checkpoint(server_round, arrays)
-            return res
-
+        """fedpipe's round engine (stages, streaming replies) instead of Flower's loop."""
         try:
-            result = super().start(
+            return RoundEngine(self).run(
                 grid,
                 initial_arrays,
                 num_rounds,
                 timeout,
-                train_config,
-                evaluate_config,
-                evaluate_and_record,
+                train_config or ConfigRecord(),
+                evaluate_config or ConfigRecord(),
+                evaluate_fn,
             )
         finally:  # the inflation bound is this run's (configure_train sets it per round)
             limit_array_inflation(None)
-        if len(result.arrays) == 0:  # Flower leaves it empty if no round aggregated
-            result.arrays = initial_arrays
-        return result

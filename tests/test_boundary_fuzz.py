@@ -16,7 +16,7 @@ import io
 import pickle
 import time
 import tracemalloc
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -33,6 +33,7 @@ from flwr.app import (
 )
 from flwr.app.message.arraychunk import ArrayChunk
 from flwr.serverapp.strategy import FedAvg
+from grids import ReplyGrid
 
 from fedpipe.boundary import DecodeBoundary, DecodedReply, Rejection, limit_array_inflation
 from fedpipe.codec import Codec, Encoded, build_codec, to_npy
@@ -333,21 +334,18 @@ def _honest(codec: Codec, sealed: bool, node: int, rnd: int) -> RecordDict:
     return train_content(enc)
 
 
-class HostileGrid:
+class HostileGrid(ReplyGrid):
     """Honest nodes answer honestly; every other sampled node sends a mutated reply."""
 
     def __init__(self, codec: Codec, sealed: bool, seed: int) -> None:
+        super().__init__([*HONEST, *range(100, 100 + HOSTILE_PER_ROUND)])
         self.codec, self.sealed = codec, sealed
         self.mutate = Mutator(np.random.default_rng(seed), sealed)
         self.round = 0
         self.hostile = 0
         self.peak = 0  # bytes allocated at most while round 1 was made and aggregated
 
-    def get_node_ids(self) -> list[int]:
-        return [*HONEST, *range(100, 100 + HOSTILE_PER_ROUND)]
-
-    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
-        messages = list(messages)
+    def exchange(self, messages: list[Message]) -> list[Message]:
         if not messages:  # the evaluation exchange, off here
             return []
         self.round += 1

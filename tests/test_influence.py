@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
+from grids import ReplyGrid
 
 from fedpipe.attacks import Attack, attacker_ids, build_attack
 from fedpipe.codec import CastCodec, Encoded
@@ -85,18 +86,16 @@ def test_bounds_config_is_validated() -> None:
 # --- through the strategy: poisoning no longer moves the model --------------------------
 
 
-class Grid:
+class Grid(ReplyGrid):
     def __init__(self, respond: Callable[[int], tuple[dict[str, np.ndarray], int]]) -> None:
-        self.respond = respond
+        super().__init__(range(1, 11))
+        self.answer = respond
 
-    def get_node_ids(self) -> list[int]:
-        return list(range(1, 11))
-
-    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
+    def exchange(self, messages: list[Message]) -> list[Message]:
         out = []
         for m in messages:
             node = m.metadata.dst_node_id
-            update, n = self.respond(node)
+            update, n = self.answer(node)
             enc = CastCodec(np.float32).encode(update, np.random.default_rng(0))
             claims = {NUM_EXAMPLES: n, TRAIN_LOSS: 0.1, CLIENT_ID: node}
             claims |= {TRAIN_SECONDS: 1.0, ENCODE_SECONDS: 0.0}

@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp.strategy import FedAvgM
 
 from fedpipe.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_strategy, save_checkpoint
-from fedpipe.client_app import client_train
+from fedpipe.client_app import make_client_app
 from fedpipe.config import RunConfig, load_config
 from fedpipe.grid import BoundedGrid, NotEnoughNodes
 from fedpipe.metrics import read_metrics
@@ -24,13 +24,14 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class InProcessGrid:
-    """Delivers each training message to the real client_train of node i (client i-1).
+    """Delivers each message to the real ClientApp as node i (client i-1).
 
     Implements Grid's push/pull pair, so fedpipe's own reply polling (BoundedGrid) runs.
     """
 
     def __init__(self, cfg: RunConfig, crash_in_round: int | None = None) -> None:
         self.cfg, self.crash_in_round, self.calls = cfg, crash_in_round, 0
+        self.app = make_client_app(cfg)
         self.replies: dict[str, Message] = {}
         n = cfg.partition.num_clients
         self.contexts = {
@@ -49,13 +50,13 @@ class InProcessGrid:
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         messages = list(messages)
-        self.calls += bool(messages)  # Flower also sends an empty evaluation batch
+        self.calls += any(m.metadata.message_type == "train" for m in messages)
         if messages and self.calls == self.crash_in_round:
             raise KeyboardInterrupt("coordinator killed")
         ids = []
         for m in messages:
             m.metadata.__dict__["_message_id"] = uuid4().hex  # as Flower's InMemoryGrid does
-            reply = client_train(m, self.contexts[m.metadata.dst_node_id], self.cfg)
+            reply = self.app(m, self.contexts[m.metadata.dst_node_id])
             self.replies[m.metadata.message_id] = reply
             ids.append(m.metadata.message_id)
         return ids

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -18,6 +18,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp.strategy import FedAvg
+from grids import ReplyGrid
 
 from fedpipe.codec import CastCodec, Codec, Encoded, UniformCodec
 from fedpipe.config import FederationConfig
@@ -33,26 +34,13 @@ from fedpipe.records import (
     UPDATE,
     train_content,
 )
+from fedpipe.rounds.engine import RoundPlan
 from fedpipe.strategy import CodecStrategy, build_strategy, compress_broadcast
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 GLOBAL = {"w": np.array([1.0, 2.0], np.float32), "count": np.array(5, np.int64)}
-
-
-class FakeGrid:
-    """Just enough of flwr's Grid for Strategy.start: nodes, and a reply per message."""
-
-    def __init__(self, nodes: list[int], respond: Callable[[Message], Message | None]) -> None:
-        self.nodes, self.respond = nodes, respond
-
-    def get_node_ids(self) -> list[int]:
-        return self.nodes
-
-    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
-        replies = (self.respond(m) for m in messages)
-        return [r for r in replies if r is not None]
 
 
 def _global_record() -> ArrayRecord:
@@ -100,9 +88,10 @@ def _run(
         downlink=downlink,
     )
     result = strategy.start(
-        FakeGrid(nodes, respond),
+        ReplyGrid(nodes, respond),
         _global_record(),
         num_rounds=1,
+        timeout=1.0,  # a silent node is waited for this long
         evaluate_fn=lambda rnd, arrays: MetricRecord({"accuracy": 0.5, "loss": 1.0}),
     )
     return {k: a.numpy() for k, a in result.arrays.items()}, records[0]
@@ -320,9 +309,11 @@ def test_float16_downlink_keeps_values_beyond_its_range_in_float32() -> None:
 
 @pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedmedian", "fedtrimmedavg"])
 def test_build_strategy(name: str) -> None:
-    strategy = build_strategy(FederationConfig(strategy=name, min_nodes=3))
+    strategy = build_strategy(FederationConfig(strategy=name, min_nodes=3, fraction_train=0.3))
     assert type(strategy).__name__.lower() == name
-    assert strategy.min_available_nodes == 3  # type: ignore[attr-defined]
+    # fedpipe's engine samples; the inner strategy configures every node it is shown
+    assert strategy.fraction_train == 1.0  # type: ignore[attr-defined]
+    assert strategy.min_available_nodes == 1  # type: ignore[attr-defined]
 
 
 def test_federated_evaluation_survives_odd_replies() -> None:
@@ -345,11 +336,13 @@ def test_federated_evaluation_survives_odd_replies() -> None:
         FedAvg(fraction_evaluate=1.0, min_train_nodes=1, min_available_nodes=1),
         FLOAT32,
         on_round_end=records.append,
+        plan=RoundPlan(fraction_evaluate=1.0),
     )
     result = strategy.start(
-        FakeGrid([1, 2, 3], respond),
+        ReplyGrid([1, 2, 3], respond),
         _global_record(),
         num_rounds=1,
+        timeout=1.0,
         evaluate_fn=lambda rnd, arrays: MetricRecord({"accuracy": 0.5, "loss": 1.0}),
     )
     federated = result.evaluate_metrics_clientapp[1]

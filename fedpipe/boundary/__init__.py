@@ -7,7 +7,14 @@ arrays are read with the codec package's strict `parse_npy`, never `np.load`;
 
 from __future__ import annotations
 
-from fedpipe.boundary._decode import Claims, DecodeBoundary, DecodedReply, Opener, Rejection
+from fedpipe.boundary._decode import (
+    Claims,
+    DecodeBoundary,
+    DecodedReply,
+    Opener,
+    Rejection,
+    decode_identity,
+)
 from fedpipe.boundary._inflate import limit_array_inflation, oversized
 from fedpipe.boundary._records import ReplyLimits, safe_text
 
@@ -18,6 +25,7 @@ __all__ = [
     "Opener",
     "Rejection",
     "ReplyLimits",
+    "decode_identity",
     "limit_array_inflation",
     "oversized",
     "safe_text",

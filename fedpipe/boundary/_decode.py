@@ -35,6 +35,7 @@ from fedpipe.records import (
     ENCODE_SECONDS,
     EVAL_ACCURACY,
     EVAL_LOSS,
+    IDENTITY,
     METRICS,
     NUM_EXAMPLES,
     SEAL_SECONDS,
@@ -44,7 +45,14 @@ from fedpipe.records import (
     wire_bytes,
 )
 
-__all__ = ["Claims", "DecodeBoundary", "DecodedReply", "Opener", "Rejection"]
+__all__ = [
+    "Claims",
+    "DecodeBoundary",
+    "DecodedReply",
+    "Opener",
+    "Rejection",
+    "decode_identity",
+]
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +193,26 @@ class DecodeBoundary:
             return Rejection(node, f"bad evaluation reply: {safe_text(str(exc))}")
         except Exception as exc:  # noqa: BLE001 - the boundary is total by design
             return Rejection(node, f"undecodable evaluation reply ({type(exc).__name__})")
+
+
+def decode_identity(msg: Message) -> int | Rejection:
+    """The client id a node states in its identify reply, or why it was dropped.
+
+    Hostile input like any reply; the id only orders the sample (and must match the
+    client id its updates claim later), so a lying node gains a sampling position at most.
+    """
+    node = _node(msg)
+    try:
+        if msg.has_error():
+            return Rejection(node, f"client error: {_last_line(msg.error.reason)}")
+        check_layout(msg.content, {IDENTITY: ConfigRecord}, {})
+        limits = ReplyLimits(max_array_bytes=0, max_arrays=0)
+        values = config_values(msg.content.config_records[IDENTITY], limits, IDENTITY)
+        return _int(values, CLIENT_ID, 0, MAX_CLIENT_ID)
+    except PayloadError as exc:
+        return Rejection(node, f"bad identify reply: {safe_text(str(exc))}")
+    except Exception as exc:  # noqa: BLE001 - the boundary is total by design
+        return Rejection(node, f"undecodable identify reply ({type(exc).__name__})")
 
 
 def _node(msg: Message) -> int:

@@ -1,0 +1,196 @@
+"""The round loop fedpipe owns: each round a sequence of stages on a Flower Grid.
+
+Flower's `Strategy.start` sends one batch of messages per round and averages the list
+of replies it gets back. fedpipe's loop keeps Flower's pieces (the Grid's push/pull, the
+inner strategy's configure/aggregate, the ServerApp and ClientApp) but decides the rest:
+
+1. identify: nodes not seen before say which client they are (`query.identify`), once;
+2. sample: `fraction_train` of the identified clients, drawn from (seed, round)
+   (`fedpipe.rounds.sampling`): the same clients in the same rounds on every run;
+3. train: push to the sample, fold each reply into the aggregate as it arrives
+   (`stage.run_stage` -> `CodecStrategy.receive_train`), never past the round timeout;
+4. evaluate (if `fraction_evaluate` > 0) on a separately drawn sample;
+5. centralized evaluation, the round's record, then the checkpoint (so a resumed run
+   has no gap).
+
+The secure-aggregation stages of a later round type slot in between 2 and 5.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+
+from fedpipe.boundary import Rejection, decode_identity
+from fedpipe.records import IDENTIFY
+from fedpipe.rounds.sampling import NodeRegistry, sample_nodes, sample_size
+from fedpipe.rounds.stage import run_stage
+
+if TYPE_CHECKING:
+    from fedpipe.strategy import CodecStrategy
+
+__all__ = ["RoundEngine", "RoundPlan", "SampledGrid"]
+
+log = logging.getLogger(__name__)
+
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Who takes part in a round, and how often the engine looks for replies."""
+
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    min_nodes: int = 1
+    seed: int = 0
+    poll_s: float = 0.1
+
+
+class SampledGrid:
+    """The Grid as the inner strategy sees it: only this round's sample, in draw order.
+
+    The inner strategy (fraction 1) then configures exactly the sampled nodes; its own
+    sampler (the global `random`) only permutes them, and fedpipe restores the order.
+    """
+
+    def __init__(self, grid: Grid, nodes: list[int], clients: Mapping[int, int]) -> None:
+        self._grid, self._nodes = grid, nodes
+        self.clients = {n: clients[n] for n in nodes}
+
+    def get_node_ids(self) -> Iterator[int]:
+        return iter(self._nodes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+class RoundEngine:
+    """Runs a CodecStrategy's rounds on a Grid (see the module docstring)."""
+
+    def __init__(self, strategy: CodecStrategy) -> None:
+        self.strategy = strategy
+        self.plan = strategy.plan
+        self.registry = NodeRegistry()
+        self._refused: set[int] = set()  # nodes whose identify reply was invalid
+
+    # -- stages -------------------------------------------------------------------------
+
+    def identify(
+        self, grid: Grid, nodes: Iterable[int], server_round: int, deadline: float
+    ) -> None:
+        """Ask nodes not seen before which client they are (one small message each)."""
+        ask = [n for n in self.registry.unknown(nodes) if n not in self._refused]
+        if not ask:
+            return
+        messages = [
+            Message(RecordDict(), dst_node_id=n, message_type=IDENTIFY, group_id=str(server_round))
+            for n in ask
+        ]
+
+        def learn(reply: Message) -> None:
+            out = decode_identity(reply)
+            node = reply.metadata.src_node_id
+            if isinstance(out, Rejection):
+                self._refused.add(node)
+                log.warning("node %d not sampled: %s", node, out.reason)
+            else:
+                self.registry.learn(node, out)
+
+        result = run_stage(grid, messages, learn, deadline, self.plan.poll_s)
+        if result.silent:
+            log.warning("%d node(s) did not say which client they are", len(result.silent))
+
+    def _sample(self, grid: Grid, server_round: int, fraction: float, purpose: str) -> SampledGrid:
+        clients = self.registry.connected(grid.get_node_ids())
+        size = sample_size(len(clients), fraction, self.plan.min_nodes)
+        if len(clients) < self.plan.min_nodes:
+            log.warning(
+                "round %d: only %d identified client(s), federation.min_nodes=%d",
+                server_round,
+                len(clients),
+                self.plan.min_nodes,
+            )
+        nodes = sample_nodes(clients, size, self.plan.seed, server_round, purpose)
+        return SampledGrid(grid, nodes, clients)
+
+    def train(
+        self,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        deadline: float,
+    ) -> ArrayRecord | None:
+        """The training stage: the new global arrays, or None if nothing was aggregated."""
+        s = self.strategy
+        sampled = self._sample(grid, server_round, self.plan.fraction_train, "train")
+        config = ConfigRecord({**config, "server-round": server_round})
+        messages = list(s.configure_train(server_round, arrays, config, sampled))  # type: ignore[arg-type]
+
+        def progress(done: int, sent: int) -> None:
+            if s.on_progress is not None:
+                s.on_progress(server_round, done, sent)
+
+        run_stage(grid, messages, s.receive_train, deadline, self.plan.poll_s, progress)
+        new, _ = s.finish_train(server_round)
+        return new
+
+    def evaluate(
+        self,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        deadline: float,
+    ) -> MetricRecord | None:
+        """Federated evaluation on a separately drawn sample (small replies: collected)."""
+        s = self.strategy
+        sampled = self._sample(grid, server_round, self.plan.fraction_evaluate, "evaluate")
+        config = ConfigRecord({**config, "server-round": server_round})
+        messages = list(s.configure_evaluate(server_round, arrays, config, sampled))  # type: ignore[arg-type]
+        replies: list[Message] = []
+        run_stage(grid, messages, replies.append, deadline, self.plan.poll_s)
+        return s.aggregate_evaluate(server_round, replies)
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(  # noqa: PLR0913 - mirrors Strategy.start
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int,
+        timeout: float,
+        train_config: ConfigRecord,
+        evaluate_config: ConfigRecord,
+        evaluate_fn: EvaluateFn | None,
+    ) -> Result:
+        s = self.strategy
+        result = Result(arrays=initial_arrays)
+        arrays = initial_arrays
+        first = s.round_offset + 1
+        for server_round in range(first, first + num_rounds):
+            deadline = time.monotonic() + timeout
+            self.identify(grid, grid.get_node_ids(), server_round, deadline)
+            new = self.train(grid, server_round, arrays, train_config, deadline)
+            if new is not None:
+                arrays = new
+            if self.plan.fraction_evaluate > 0:
+                metrics = self.evaluate(grid, server_round, arrays, evaluate_config, deadline)
+                if metrics is not None:
+                    result.evaluate_metrics_clientapp[server_round] = metrics
+            central = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
+            if central is not None:
+                result.evaluate_metrics_serverapp[server_round] = central
+            s.finish_round(server_round, central)
+            if s.checkpoint is not None:  # after the metrics line: no gap on resume
+                s.checkpoint(server_round, arrays)
+        result.arrays = arrays
+        return result
