@@ -7,6 +7,7 @@ a deployed app reads it from Flower's run config; both then run the same code.
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 from typing import Protocol
 
 import numpy as np
@@ -17,7 +18,14 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedpipe.codec import Encoded, Update, build_codec, encode_with_feedback
-from fedpipe.config import DEVICE_KEYS, CodecConfig, DataConfig, RunConfig, with_device_settings
+from fedpipe.config import (
+    DEVICE_KEYS,
+    CodecConfig,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    with_device_settings,
+)
 from fedpipe.crypto.seal import Binding, seal
 from fedpipe.data import Split, TensorDataset, client_shard, load_dataset
 from fedpipe.models import build_model
@@ -122,14 +130,39 @@ def _local_data(cfg: RunConfig, context: Context, cid: int) -> Split:
     return own.train if own is not None else client_shard(cfg.data, cfg.partition, cfg.seed, cid)
 
 
+@lru_cache(maxsize=2)
+def _module(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+    """One module per shape, reused by every client this process runs, one at a time.
+
+    Each client overwrites every parameter and buffer with the broadcast (a strict
+    load_state_dict), so building and randomly initializing a fresh module per client
+    (about 1 ms of a 5 ms MLP client) bought nothing.
+    """
+    return build_model(cfg, input_shape, num_classes)
+
+
+class _Broadcast:
+    """The last broadcast's state dict: a cohort worker's clients share one broadcast
+    object, which is decoded into tensors once instead of once per client."""
+
+    record: ArrayRecord | None = None  # held, so its id cannot be reused while cached
+    state: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def state_dict(cls, record: ArrayRecord) -> dict[str, torch.Tensor]:
+        if record is not cls.record:
+            cls.record, cls.state = record, record.to_torch_state_dict()
+        return cls.state
+
+
 def _model(
     cfg: RunConfig, context: Context, msg: Message
 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor], int]:
     """The global model as broadcast, its state dict, and the number of classes."""
     # Shapes come from the device's shard when it has one: it may not hold the dataset.
     ds = _device_data(context) or load_dataset(cfg.data)
-    model = build_model(cfg.model, ds.input_shape, ds.num_classes)
-    global_sd = msg.content.array_records[ARRAYS].to_torch_state_dict()
+    model = _module(cfg.model, tuple(ds.input_shape), ds.num_classes)
+    global_sd = _Broadcast.state_dict(msg.content.array_records[ARRAYS])
     model.load_state_dict(global_sd)
     return model, global_sd, ds.num_classes
 

@@ -54,7 +54,8 @@ def update_norm(update: Update) -> float:
     total = 0.0
     for value in update.values():
         flat = np.asarray(value, np.float64).ravel()
-        total += float(np.dot(flat, flat))
+        # square-and-sum, not np.dot: BLAS threads spin against the workers' cores
+        total += float(np.square(flat).sum())
     return float(np.sqrt(total))
 
 

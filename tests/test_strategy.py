@@ -18,6 +18,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from grids import ReplyGrid
 
 from fedpipe.codec import CastCodec, Codec, Encoded, UniformCodec
@@ -33,6 +34,7 @@ from fedpipe.records import (
     TRAIN_SECONDS,
     UPDATE,
     train_content,
+    wire_bytes,
 )
 from fedpipe.rounds.engine import RoundPlan
 from fedpipe.strategy import CodecStrategy, build_strategy, compress_broadcast
@@ -349,3 +351,16 @@ def test_federated_evaluation_survives_odd_replies() -> None:
     assert federated["eval_accuracy"] == pytest.approx(0.15)  # nodes 1 and 2; 3 dropped
     assert set(federated) == {"eval_loss", "eval_accuracy"}
     assert records[0].clients_replied == 2
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [[(3,)], [()], [(64, 784), (64,), (64, 64), (64,), (10, 64), (10,)], [(300, 700), (7,)]],
+)
+def test_wire_bytes_equal_what_flower_serializes(shapes: list[tuple[int, ...]]) -> None:
+    """Counted from stand-ins per structure, equal to deflating (and hashing) the real thing."""
+    rng = np.random.default_rng(len(shapes))
+    arrays = {f"a{i}": rng.normal(size=s).astype(np.float32) for i, s in enumerate(shapes)}
+    content = train_content(Encoded(arrays, {"scheme": "float32", "n": 3}), 0.25)
+    flower = sum(len(o.deflate()) for o in get_all_nested_objects(content).values())
+    assert wire_bytes(content) == flower
