@@ -327,7 +327,7 @@ class SimulationConfig:
     workers: int = 0
     # Clients a worker runs per call: larger amortizes the call, smaller streams replies
     # sooner (server memory holds about 2 x workers x cohort_size replies at most).
-    cohort_size: int = 8
+    cohort_size: int = 16
     # "ray": workers are Ray actors; "inprocess": one worker inside the driver (no Ray:
     # for a debugger, a machine without Ray, or a quick test).
     backend: str = "ray"

@@ -32,6 +32,7 @@ __all__ = ["CohortGrid", "InProcessPool", "RayPool", "WorkerPool"]
 log = logging.getLogger(__name__)
 
 _IN_FLIGHT = 2  # batches per worker: one running, one waiting
+_QUERY_BATCH = 32
 
 
 class WorkerPool(Protocol):
@@ -214,10 +215,14 @@ class CohortGrid(Grid):
         return client_of_node(node_id) % self.pool.size
 
     def _next_batch(self, worker: int) -> list[Message]:
-        """Up to cohort_size live messages from the worker's queue (expired ones dropped)."""
+        """Up to cohort_size live messages from the worker's queue (expired ones dropped);
+        queries (identify: no training, a few bytes back) go QUERY_BATCH times as many."""
         queue, now = self._queues[worker], time.time()
         batch: list[Message] = []
-        while queue and len(batch) < self.cohort_size:
+        limit = self.cohort_size
+        if queue and queue[0].metadata.message_type.startswith("query"):
+            limit *= _QUERY_BATCH
+        while queue and len(batch) < limit:
             msg = queue.popleft()
             if self._expiry.get(msg.metadata.message_id, 0.0) < now:
                 self._expiry.pop(msg.metadata.message_id, None)
