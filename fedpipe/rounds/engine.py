@@ -132,7 +132,6 @@ class RoundEngine:
         """The training stage: the new global arrays, or None if nothing was aggregated."""
         s = self.strategy
         sampled = self._sample(grid, server_round, self.plan.fraction_train, "train")
-        config = ConfigRecord({**config, "server-round": server_round})
         messages = list(s.configure_train(server_round, arrays, config, sampled))  # type: ignore[arg-type]
 
         def progress(done: int, sent: int) -> None:
@@ -154,7 +153,6 @@ class RoundEngine:
         """Federated evaluation on a separately drawn sample (small replies: collected)."""
         s = self.strategy
         sampled = self._sample(grid, server_round, self.plan.fraction_evaluate, "evaluate")
-        config = ConfigRecord({**config, "server-round": server_round})
         messages = list(s.configure_evaluate(server_round, arrays, config, sampled))  # type: ignore[arg-type]
         replies: list[Message] = []
         run_stage(grid, messages, replies.append, deadline, self.plan.poll_s)

@@ -83,7 +83,7 @@ def run_stage(
             on_progress(result.replied, result.sent)
         if not pending or time.monotonic() >= deadline:
             break
-        if not got:
+        if not got and not getattr(grid, "waits_for_replies", False):
             time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
     result.silent = sorted(pending.values())
     return result

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 _IN_FLIGHT = 2  # batches per worker: one running, one waiting
 _QUERY_BATCH = 32
+_PULL_WAIT_S = 0.05
 
 
 class WorkerPool(Protocol):
@@ -139,7 +140,7 @@ class CohortGrid(Grid):
         self._in_flight: dict[Any, int] = {}  # handle -> worker
         self._expiry: dict[str, float] = {}  # message id -> wall-clock expiry
         self._ready: dict[str, Message] = {}  # reply_to id -> reply
-        self._max_ready = 2 * _IN_FLIGHT * pool.size * cohort_size
+        self._max_ready = _IN_FLIGHT * pool.size * cohort_size
         self._lock = threading.Condition()
         self._stop = False
         self.dropped = 0  # replies and messages that expired before they were pulled
@@ -184,11 +185,18 @@ class CohortGrid(Grid):
             self._lock.notify_all()
         return ids
 
+    # Pulls wait (briefly) for a reply instead of the caller sleeping between pulls: the
+    # reply buffer is small, and a caller asleep while it fills would idle the workers.
+    waits_for_replies = True
+
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        wanted = list(message_ids)
         if not self._threaded:
             self._step(timeout=0.0)
         with self._lock:
-            out = [self._ready.pop(i) for i in message_ids if i in self._ready]
+            if self._threaded and not any(i in self._ready for i in wanted):
+                self._lock.wait(_PULL_WAIT_S)  # the pump notifies when replies arrive
+            out = [self._ready.pop(i) for i in wanted if i in self._ready]
             for reply in out:
                 self._expiry.pop(reply.metadata.reply_to_message_id, None)
             self._lock.notify_all()  # room in the buffer: the pump may feed workers again
@@ -245,6 +253,7 @@ class CohortGrid(Grid):
                 busy[w] += 1
 
     def _collect(self, results: list[tuple[Any, list[Message]]]) -> None:
+        """File replies under the message they answer (caller holds the lock)."""
         now = time.time()
         for handle, replies in results:
             self._in_flight.pop(handle, None)
@@ -264,6 +273,8 @@ class CohortGrid(Grid):
         with self._lock:
             self._collect(results)
             self._feed()
+            if results:
+                self._lock.notify_all()
 
     def _pump(self) -> None:
         while True:
