@@ -119,6 +119,7 @@ def run_server(
             min_nodes=cfg.federation.min_nodes,
             seed=cfg.seed,
             poll_s=cfg.federation.poll_interval,
+            wait_s=cfg.federation.wait_for_nodes,
         ),
         on_progress=view.clients_done,
     )

@@ -21,7 +21,7 @@ from typing import Any
 from flwr.common.constant import SUPERLINK_NODE_ID
 
 from fedpipe.config import RunConfig
-from fedpipe.data import load_dataset
+from fedpipe.data import load_dataset, partition_indices
 from fedpipe.deploy.processes import OFFLINE_ENV
 from fedpipe.errors import os_reason
 from fedpipe.partition_info import write_partition_info
@@ -178,7 +178,8 @@ def _simulate(cfg: RunConfig, run_dir: Path) -> SimulationResult:
     )
     run_id = secrets.randbits(62)
     threads = max(1, int(cfg.simulation.cpus_per_client))
-    make_worker = partial(CohortWorker, app, run_id, cfg.partition.num_clients, threads)
+    prepare = partial(_prepare_data, cfg)
+    make_worker = partial(CohortWorker, app, run_id, cfg.partition.num_clients, threads, prepare)
     started_ray = cfg.simulation.backend == "ray" and _connect_ray(cfg)
     try:
         grid = CohortGrid(
@@ -208,6 +209,12 @@ def _simulate(cfg: RunConfig, run_dir: Path) -> SimulationResult:
     summary["workers"] = placement
     write_json(summary_path, summary)
     return SimulationResult(run_dir, summary)
+
+
+def _prepare_data(cfg: RunConfig) -> None:
+    """Load and partition the dataset in a worker before round 1 (cached per process)."""
+    load_dataset(cfg.data)
+    partition_indices(cfg.data, cfg.partition, cfg.seed)
 
 
 @contextmanager

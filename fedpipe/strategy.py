@@ -319,6 +319,12 @@ class CodecStrategy(Strategy):
             self._fold(intake, *pending)
         self._round.decode_seconds += time.perf_counter() - t0
 
+    def lost_train(self, node: int) -> None:
+        """A sampled node that will not answer: it no longer holds up the reference."""
+        if self._intake is not None:
+            for pending in self._intake.gate.offer(node, None):
+                self._fold(self._intake, *pending)
+
     def _fold(self, intake: _Intake, reply: DecodedReply, norm: float) -> None:
         """Bound one reply against the round's reference and add it to the aggregate."""
         ref = intake.gate.reference

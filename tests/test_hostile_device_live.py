@@ -56,6 +56,8 @@ from fedpipe.records import (
     CODEC,
     CONFIG,
     ENCODE_SECONDS,
+    IDENTIFY,
+    IDENTITY,
     NUM_EXAMPLES,
     SERVER_ROUND,
     TRAIN_LOSS,
@@ -171,8 +173,15 @@ def wire_lone_surrogate(rnd: int, instruction: Message, content: RecordDict, nod
     return Message(RecordDict({UPDATE: update, CODEC: codec}), reply_to=instruction)
 
 
+def identify(rnd: int, instruction: Message, content: RecordDict, node: int) -> Message:
+    """A well-formed answer to the identify query: a node whose identify reply is invalid
+    is never sampled, and the attacks here are on training replies."""
+    identity = ConfigRecord({CLIENT_ID: HOSTILE_CLIENT_ID})
+    return Message(RecordDict({IDENTITY: identity}), reply_to=instruction)
+
+
 def garbage(rnd: int, instruction: Message, content: RecordDict, node: int) -> Message:
-    """What the hostile node answers to anything that is not a training instruction."""
+    """What the hostile node answers to anything but the identify query and training."""
     return Message(RecordDict({"junk": ConfigRecord({"x": "y" * 300})}), reply_to=instruction)
 
 
@@ -247,7 +256,12 @@ class HostileNode:
             rnd = int(config.get(SERVER_ROUND, 0))  # type: ignore[arg-type]
             kind = instruction.metadata.message_type
             self.on_instruction(rnd)
-            attack = self.attacks.get(rnd, garbage) if kind == "train" else garbage
+            if kind == IDENTIFY:
+                attack = identify
+            elif kind == "train":
+                attack = self.attacks.get(rnd, garbage)
+            else:
+                attack = garbage
             reply = attack(rnd, instruction, content, self.node_id)
             reply.metadata.__dict__["_message_id"] = reply.object_id  # as a SuperNode does
             contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(reply).items()}

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from fedpipe.codec import CastCodec, Encoded
 from fedpipe.config import BoundsConfig
+from fedpipe.grid import NotEnoughNodes
 from fedpipe.influence import Reference, ReferenceGate
 from fedpipe.metrics import RoundRecord
 from fedpipe.records import (
@@ -294,3 +295,23 @@ def test_invalid_identify_replies_leave_the_node_out() -> None:
 
 def test_identify_messages_are_typed_for_flower_routing() -> None:
     assert IDENTIFY == "query.identify"  # ClientApp routes "<category>.<action>"
+
+
+def test_rounds_wait_for_min_nodes_identified_clients_but_not_forever() -> None:
+    class Arriving(Clients):
+        """Devices connect one per node-list check, as deployed devices come up."""
+
+        def __init__(self) -> None:
+            super().__init__(None)
+            self.visible = 0
+
+        def get_node_ids(self) -> list[int]:
+            self.visible = min(len(self.nodes), self.visible + 1)
+            return self.nodes[: self.visible]
+
+    plan = RoundPlan(min_nodes=5, poll_s=0.001, wait_s=10.0)
+    _, records = _train(Arriving(), rounds=1, plan=plan)
+    assert records[0].clients_sampled >= 5
+
+    with pytest.raises(NotEnoughNodes, match="min_nodes=31"):
+        _train(Clients(None), rounds=1, plan=RoundPlan(min_nodes=31, poll_s=0.01, wait_s=0.1))

@@ -12,7 +12,7 @@ from fedpipe.cli.sim import main
 from fedpipe.config import load_config
 from fedpipe.metrics import read_metrics
 from fedpipe.rundir import CONFIG_FILE, METRICS_FILE, MODEL_FILE, PARTITION_FILE, SUMMARY_FILE
-from fedpipe.simulation import run_simulation
+from fedpipe.simulation import offline_env, run_simulation
 
 TINY = [
     "partition.num_clients=3",
@@ -123,17 +123,31 @@ def _outcome(run_dir: Path) -> list[dict[str, object]]:
     return out
 
 
+@pytest.mark.slow  # about 21-24 s on 2 CPUs: two Ray runs and one in-process run
 @pytest.mark.usefixtures("no_leftover_processes")
 def test_sampled_rounds_repeat_exactly_and_do_not_depend_on_the_backend(tmp_path: Path) -> None:
     """fraction_train=0.3 of 10 clients: the engine draws 3 client ids per round from
     (seed, round), so two runs train the same clients on the same data, and the folded
-    aggregate does not depend on which worker, or which order, the replies came from."""
+    aggregate does not depend on which worker, or in which order, the replies came from.
+
+    Both Ray runs share one local Ray (two CPUs: two workers on any machine) that the
+    test starts, which saves a Ray start and stop; run_simulation leaves it connected.
+    """
+    import ray
 
     def run(sub: str, *extra: str) -> list[dict[str, object]]:
         cfg = load_config(None, [*SAMPLED, f"output_dir={tmp_path / sub}", *extra])
-        return _outcome(run_simulation(cfg).run_dir)
+        result = run_simulation(cfg)
+        assert len(result.summary["workers"]) == (1 if extra else 2)
+        return _outcome(result.run_dir)
 
-    first, second = run("ray-a"), run("ray-b")
+    offline_env()
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        first, second = run("ray-a"), run("ray-b")
+        assert ray.is_initialized()  # not its Ray to stop
+    finally:
+        ray.shutdown()
     inprocess = run("inprocess", 'simulation.backend="inprocess"')
 
     assert [r["round"] for r in first] == [1, 2, 3]

@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
 from fedpipe.boundary import Rejection, decode_identity
+from fedpipe.grid import NotEnoughNodes
 from fedpipe.records import IDENTIFY
 from fedpipe.rounds.sampling import NodeRegistry, sample_nodes, sample_size
 from fedpipe.rounds.stage import run_stage
@@ -52,6 +53,7 @@ class RoundPlan:
     min_nodes: int = 1
     seed: int = 0
     poll_s: float = 0.1
+    wait_s: float = 300.0  # for min_nodes identified clients, before a round starts
 
 
 class SampledGrid:
@@ -108,16 +110,28 @@ class RoundEngine:
         if result.silent:
             log.warning("%d node(s) did not say which client they are", len(result.silent))
 
+    def await_clients(self, grid: Grid, server_round: int) -> None:
+        """Identify new nodes until min_nodes clients are known and connected; a bounded
+        wait (wait_for_nodes), never Flower's endless one."""
+        give_up = time.monotonic() + self.plan.wait_s
+        while True:
+            nodes = list(grid.get_node_ids())
+            self.identify(grid, nodes, server_round, give_up)
+            known = len(self.registry.connected(nodes))
+            if known >= self.plan.min_nodes:
+                return
+            if time.monotonic() >= give_up:
+                raise NotEnoughNodes(
+                    f"only {known} of federation.min_nodes={self.plan.min_nodes} devices "
+                    f"connected and identified after {self.plan.wait_s:.0f} s "
+                    "(federation.wait_for_nodes); start more fedpipe-client devices or "
+                    "lower federation.min_nodes"
+                )
+            time.sleep(self.plan.poll_s)
+
     def _sample(self, grid: Grid, server_round: int, fraction: float, purpose: str) -> SampledGrid:
         clients = self.registry.connected(grid.get_node_ids())
         size = sample_size(len(clients), fraction, self.plan.min_nodes)
-        if len(clients) < self.plan.min_nodes:
-            log.warning(
-                "round %d: only %d identified client(s), federation.min_nodes=%d",
-                server_round,
-                len(clients),
-                self.plan.min_nodes,
-            )
         nodes = sample_nodes(clients, size, self.plan.seed, server_round, purpose)
         return SampledGrid(grid, nodes, clients)
 
@@ -138,7 +152,9 @@ class RoundEngine:
             if s.on_progress is not None:
                 s.on_progress(server_round, done, sent)
 
-        run_stage(grid, messages, s.receive_train, deadline, self.plan.poll_s, progress)
+        run_stage(
+            grid, messages, s.receive_train, deadline, self.plan.poll_s, progress, s.lost_train
+        )
         new, _ = s.finish_train(server_round)
         return new
 
@@ -175,8 +191,8 @@ class RoundEngine:
         arrays = initial_arrays
         first = s.round_offset + 1
         for server_round in range(first, first + num_rounds):
+            self.await_clients(grid, server_round)
             deadline = time.monotonic() + timeout
-            self.identify(grid, grid.get_node_ids(), server_round, deadline)
             new = self.train(grid, server_round, arrays, train_config, deadline)
             if new is not None:
                 arrays = new

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from flwr.app import Message
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 __all__ = ["StageResult", "run_stage"]
@@ -54,9 +55,11 @@ def run_stage(
     deadline: float,
     poll_s: float,
     on_progress: ProgressFn | None = None,
+    on_lost: Callable[[int], None] | None = None,
 ) -> StageResult:
     """Push `messages`, feed replies to `on_reply` until all are in or `deadline`
-    (time.monotonic()) passes. Never waits past the deadline."""
+    (time.monotonic()) passes. Never waits past the deadline. `on_lost(node)` hears of a
+    node Flower reports unavailable (it will not answer this stage)."""
     pending = _push(grid, messages)
     result = StageResult(sent=len(pending))
     if len(pending) < len(messages):
@@ -70,6 +73,13 @@ def run_stage(
             node = pending.pop(answered, None)
             if node is None:
                 continue  # not ours, or answered already: never handed on twice
+            if reply.metadata.src_node_id == SUPERLINK_NODE_ID and reply.has_error():
+                # Flower's own "node unavailable" (or TTL) answer, on the node's behalf
+                log.info("node %d unavailable: %s", node, reply.error.reason)
+                result.silent.append(node)
+                if on_lost is not None:
+                    on_lost(node)
+                continue
             if reply.metadata.src_node_id != node:
                 log.warning(
                     "reply to a message for node %d came from node %d: dropped",
@@ -85,5 +95,5 @@ def run_stage(
             break
         if not got and not getattr(grid, "waits_for_replies", False):
             time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
-    result.silent = sorted(pending.values())
+    result.silent = sorted([*result.silent, *pending.values()])
     return result

@@ -85,6 +85,7 @@ class RayPool:
         remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(_RemoteWorker)
         self._actors: list[Any] = [remote.remote(make_worker) for _ in range(size)]
         self.size = size
+        ray.get([a.where.remote() for a in self._actors])  # started (and prepared) now
 
     def submit(self, worker: int, messages: list[Message]) -> Any:
         return self._actors[worker].run.remote(messages)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -40,11 +40,20 @@ def client_of_node(node_id: int) -> int:
 class CohortWorker:
     """Runs `app` for the clients routed to it; holds their Contexts across rounds."""
 
-    def __init__(self, app: ClientApp, run_id: int, num_clients: int, threads: int = 1) -> None:
+    def __init__(
+        self,
+        app: ClientApp,
+        run_id: int,
+        num_clients: int,
+        threads: int = 1,
+        prepare: Callable[[], None] | None = None,
+    ) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))
         self.app, self.run_id, self.num_clients = app, run_id, num_clients
+        if prepare is not None:  # e.g. load and partition the data before round 1
+            prepare()
         self.contexts: dict[int, Context] = {}
         self.clients_run = 0
 
