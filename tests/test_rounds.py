@@ -315,3 +315,24 @@ def test_rounds_wait_for_min_nodes_identified_clients_but_not_forever() -> None:
 
     with pytest.raises(NotEnoughNodes, match="min_nodes=31"):
         _train(Clients(None), rounds=1, plan=RoundPlan(min_nodes=31, poll_s=0.01, wait_s=0.1))
+
+
+def test_a_node_silent_to_identify_is_left_out_and_asked_again_rarely() -> None:
+    class Mute(Clients):
+        asked: list[int]
+
+        def push_messages(self, messages):  # type: ignore[no-untyped-def]
+            messages = list(messages)
+            ids = super().push_messages(messages)
+            if any(m.metadata.message_type == IDENTIFY for m in messages):
+                self.asked.append(self.round)
+                self._waiting = [r for r in self._waiting if r.metadata.src_node_id != 12]
+            return ids
+
+    grid = Mute(None)
+    grid.asked = []
+    plan = RoundPlan(min_nodes=2, poll_s=0.01, wait_s=0.2)
+    _, records = _train(grid, rounds=7, plan=plan)
+    assert [r.clients_sampled for r in records] == [29] * 7
+    assert grid.asked == [0, 5]  # round 1 (before any training), then round 6
+    assert all(2 not in clients for clients in grid.sampled)  # node 12 is client 2

@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
+# A node gets this long to say which client it is (a device starts its ClientApp for the
+# first message); one that stays silent is asked again only after _RETRY rounds, so a
+# stuck device costs one wait, not one per round.
+_IDENTIFY_S = 60.0
+_RETRY = 5
+
 
 @dataclass(frozen=True)
 class RoundPlan:
@@ -82,6 +88,7 @@ class RoundEngine:
         self.plan = strategy.plan
         self.registry = NodeRegistry()
         self._refused: set[int] = set()  # nodes whose identify reply was invalid
+        self._silent: dict[int, int] = {}  # node -> round it last left identify unanswered
 
     # -- stages -------------------------------------------------------------------------
 
@@ -89,9 +96,14 @@ class RoundEngine:
         self, grid: Grid, nodes: Iterable[int], server_round: int, deadline: float
     ) -> None:
         """Ask nodes not seen before which client they are (one small message each)."""
-        ask = [n for n in self.registry.unknown(nodes) if n not in self._refused]
+        ask = [
+            n
+            for n in self.registry.unknown(nodes)
+            if n not in self._refused and server_round - self._silent.get(n, -_RETRY) >= _RETRY
+        ]
         if not ask:
             return
+        deadline = min(deadline, time.monotonic() + _IDENTIFY_S)
         messages = [
             Message(RecordDict(), dst_node_id=n, message_type=IDENTIFY, group_id=str(server_round))
             for n in ask
@@ -107,8 +119,14 @@ class RoundEngine:
                 self.registry.learn(node, out)
 
         result = run_stage(grid, messages, learn, deadline, self.plan.poll_s)
+        for node in result.silent:
+            self._silent[node] = server_round
         if result.silent:
-            log.warning("%d node(s) did not say which client they are", len(result.silent))
+            log.warning(
+                "%d node(s) did not say which client they are; asked again in %d rounds",
+                len(result.silent),
+                _RETRY,
+            )
 
     def await_clients(self, grid: Grid, server_round: int) -> None:
         """Identify new nodes until min_nodes clients are known and connected; a bounded
