@@ -100,7 +100,10 @@ def run_fedpipe(
         f"federation.rounds={rounds}",
         f"federation.fraction_train={fraction}",
         "federation.fraction_evaluate=0.0",
-        f"federation.min_nodes={num_clients}",  # like Flower's min_available_nodes
+        # fedpipe's min_nodes is the smallest sample (Flower's min_train_nodes); its
+        # engine identifies every connected node before sampling, so no separate
+        # min_available_nodes is needed: the sample is exactly fraction x clients.
+        f"federation.min_nodes={max(1, int(num_clients * fraction))}",
         "federation.round_timeout=3600",
         f"federation.aggregation={aggregation}",
         # Plain FedAvg, as Flower's: fedpipe's default update bounds off.
