@@ -126,12 +126,7 @@ def run_server(
     if done < cfg.federation.rounds:
         with _closing(view):
             result = strategy.start(
-                BoundedGrid(
-                    grid,
-                    cfg.federation.min_nodes,
-                    cfg.federation.wait_for_nodes,
-                    cfg.federation.poll_interval,
-                ),  # type: ignore[arg-type]
+                BoundedGrid(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes),  # type: ignore[arg-type]
                 ArrayRecord(model.state_dict()),
                 num_rounds=cfg.federation.rounds - done,
                 timeout=cfg.federation.round_timeout,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 
 import numpy as np
 import pytest
@@ -31,6 +32,7 @@ from fedpipe.records import (
 from fedpipe.rounds.accumulate import ExactSum, OutOfRange, scale_bits
 from fedpipe.rounds.engine import RoundPlan
 from fedpipe.rounds.sampling import sample_nodes, sample_size
+from fedpipe.rounds.stage import run_stage
 from fedpipe.strategy import CodecStrategy
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -336,3 +338,34 @@ def test_a_node_silent_to_identify_is_left_out_and_asked_again_rarely() -> None:
     assert [r.clients_sampled for r in records] == [29] * 7
     assert grid.asked == [0, 5]  # round 1 (before any training), then round 6
     assert all(2 not in clients for clients in grid.sampled)  # node 12 is client 2
+
+
+def test_a_stage_streams_replies_and_never_waits_past_its_deadline() -> None:
+    """Replies are handed on as they are pulled; a silent node ends the stage at the
+    deadline, not at Flower's 3 s polls; polling is prompt; answers count once."""
+    import time
+
+    from fedpipe.rounds.stage import run_stage
+
+    grid = ReplyGrid(
+        [1, 2, 3],
+        respond=lambda m: (
+            None if m.metadata.dst_node_id == 3 else Message(RecordDict(), reply_to=m)
+        ),
+    )
+    pulls = 0
+    pull = grid.pull_messages
+
+    def counted(ids):  # type: ignore[no-untyped-def]
+        nonlocal pulls
+        pulls += 1
+        return pull(ids)
+
+    grid.pull_messages = counted  # type: ignore[method-assign]
+    got: list[int] = []
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2, 3)]
+    t0 = time.monotonic()
+    result = run_stage(grid, messages, lambda r: got.append(r.metadata.src_node_id), t0 + 0.3, 0.02)  # type: ignore[arg-type]
+    waited = time.monotonic() - t0
+    assert sorted(got) == [1, 2] and result.silent == [3] and result.replied == 2
+    assert 0.3 <= waited < 1.5 and pulls > 5
