@@ -342,11 +342,7 @@ def test_a_node_silent_to_identify_is_left_out_and_asked_again_rarely() -> None:
 
 def test_a_stage_streams_replies_and_never_waits_past_its_deadline() -> None:
     """Replies are handed on as they are pulled; a silent node ends the stage at the
-    deadline, not at Flower's 3 s polls; polling is prompt; answers count once."""
-    import time
-
-    from fedpipe.rounds.stage import run_stage
-
+    deadline, not at Flower's 3 s polls; polling is prompt."""
     grid = ReplyGrid(
         [1, 2, 3],
         respond=lambda m: (
