@@ -75,3 +75,37 @@ def test_two_node_cluster_runs_clients_on_both_nodes(tmp_path: Path) -> None:
     assert sum(w["clients_run"] for w in workers) == CLIENTS * (ROUNDS + 1)
     # Both nodes are this machine, but each worker is its own process.
     assert len({w["pid"] for w in workers}) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_leftover_processes")
+def test_workers_the_cluster_cannot_place_fail_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three 1-CPU workers on a 2-CPU cluster: an error naming the knobs, not a hang."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from fedpipe.sim import grid
+    from fedpipe.simulation import RunFailed
+
+    monkeypatch.setattr(grid, "_START_S", 5.0)
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False}
+    )
+    try:
+        cfg = load_config(
+            None,
+            [
+                "partition.num_clients=6",
+                "federation.rounds=1",
+                f"simulation.ray_address={cluster.address}",
+                "simulation.workers=3",
+                f"output_dir={tmp_path}",
+            ],
+        )
+        with pytest.raises(RunFailed, match="did not start within 5 s"):
+            run_simulation(cfg)
+        assert not ray.is_initialized()
+    finally:
+        cluster.shutdown()

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 _IN_FLIGHT = 2  # batches per worker: one running, one waiting
 _QUERY_BATCH = 32
 _PULL_WAIT_S = 0.05
+_START_S = 300.0  # for workers to start and load their data
 
 
 class WorkerPool(Protocol):
@@ -85,7 +86,15 @@ class RayPool:
         remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(_RemoteWorker)
         self._actors: list[Any] = [remote.remote(make_worker) for _ in range(size)]
         self.size = size
-        ray.get([a.where.remote() for a in self._actors])  # started (and prepared) now
+        try:  # started (and prepared) now, or a clear error instead of waiting forever
+            ray.get([a.where.remote() for a in self._actors], timeout=_START_S)
+        except ray.exceptions.GetTimeoutError as exc:
+            self.close()
+            raise RuntimeError(
+                f"{size} cohort worker(s) with {cpus:g} CPU and {gpus:g} GPU each did not "
+                f"start within {_START_S:.0f} s: the Ray cluster lacks the resources "
+                "(lower simulation.workers, cpus_per_client or gpus_per_client)"
+            ) from exc
 
     def submit(self, worker: int, messages: list[Message]) -> Any:
         return self._actors[worker].run.remote(messages)
