@@ -8,14 +8,24 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp.strategy import FedAvg, FedAvgM
 from grids import ReplyGrid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedpipe.boundary import decode_identity
+from fedpipe.client_app import make_client_app
 from fedpipe.codec import CastCodec, Encoded
-from fedpipe.config import BoundsConfig
+from fedpipe.config import BoundsConfig, RunConfig
 from fedpipe.grid import NotEnoughNodes
 from fedpipe.influence import Reference, ReferenceGate
 from fedpipe.metrics import RoundRecord
@@ -295,8 +305,16 @@ def test_invalid_identify_replies_leave_the_node_out() -> None:
     assert math.isfinite(records[-1].train_loss or math.nan)
 
 
-def test_identify_messages_are_typed_for_flower_routing() -> None:
-    assert IDENTIFY == "query.identify"  # ClientApp routes "<category>.<action>"
+def test_the_client_app_answers_identify_with_its_client_id() -> None:
+    """Flower routes "query.identify" to the ClientApp's @app.query("identify"), and the
+    answer passes the decode boundary as the node's client id."""
+    app = make_client_app(RunConfig())
+    ctx = Context(1, 42, {"partition-id": 7}, RecordDict(), {})
+    msg = Message(RecordDict(), dst_node_id=42, message_type=IDENTIFY)
+    msg.metadata.__dict__["_message_id"] = "m1"
+    reply = app(msg, ctx)
+    reply.metadata.__dict__["_src_node_id"] = 42  # as the SuperLink stamps it
+    assert decode_identity(reply) == 7
 
 
 def test_rounds_wait_for_min_nodes_identified_clients_but_not_forever() -> None:

@@ -56,9 +56,6 @@ class NodeRegistry:
     def learn(self, node: int, client_id: int) -> None:
         self._clients[node] = client_id
 
-    def client_of(self, node: int) -> int | None:
-        return self._clients.get(node)
-
     def connected(self, nodes: Iterable[int]) -> dict[int, int]:
         """The identified subset of `nodes`; forgets nodes no longer connected (a device
         that reconnects gets a new node id and identifies again)."""

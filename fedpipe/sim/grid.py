@@ -303,6 +303,8 @@ class CohortGrid(Grid):
                 time.sleep(0.05)
 
     def close(self) -> None:
+        if self.dropped:
+            log.info("%d message(s) or replies expired before they were pulled", self.dropped)
         with self._lock:
             self._stop = True
             self._lock.notify_all()
