@@ -7,17 +7,28 @@ a deployed app reads it from Flower's run config; both then run the same code.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
 
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    ConfigRecordValues,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from fedpipe.codec import Encoded, Update, build_codec, encode_with_feedback
+from fedpipe.boundary import SHARES_REJECTED
+from fedpipe.codec import Encoded, MetaValue, Update, build_codec, encode_with_feedback
 from fedpipe.config import (
     DEVICE_KEYS,
     CodecConfig,
@@ -32,6 +43,7 @@ from fedpipe.models import build_model
 from fedpipe.records import (
     ARRAYS,
     CLIENT_ID,
+    CODEC,
     CONFIG,
     ENCODE_SECONDS,
     EVAL_ACCURACY,
@@ -47,6 +59,11 @@ from fedpipe.records import (
     record_int,
     train_content,
 )
+from fedpipe.secagg.client import masked_input
+from fedpipe.secagg.device import STATE as SECAGG_STATE
+from fedpipe.secagg.device import advertise, share_keys, unmask
+from fedpipe.secagg.keys import RoundId
+from fedpipe.secagg.wire import ADVERTISE, MASKED_INPUT, PARAMS, SHARE
 from fedpipe.seed import client_seed, round_generator
 from fedpipe.training import evaluate, select_device, train
 
@@ -196,13 +213,22 @@ def _plant_canary(update: Update, context: Context) -> None:
     first[: len(values)] = values[: len(first)]
 
 
-def client_train(
-    msg: Message,
-    context: Context,
-    cfg: RunConfig,
-    seal_key: bytes | None = None,
-    hooks: ClientHooks | None = None,
-) -> Message:
+@dataclass
+class _Trained:
+    """One round of local training on this device, as the codec or SecAgg encodes it."""
+
+    client_id: int
+    server_round: int
+    update: Update  # local weights - global weights (what error feedback corrects)
+    num_examples: int
+    loss: float
+    train_seconds: float
+    rng: np.random.Generator
+
+
+def _local_update(
+    msg: Message, context: Context, cfg: RunConfig, hooks: ClientHooks | None
+) -> _Trained:
     cid = client_id_of(context)
     server_round = record_int(msg.content.config_records[CONFIG], SERVER_ROUND)
     model, global_sd, num_classes = _model(cfg, context, msg)
@@ -228,27 +254,98 @@ def client_train(
     num_examples = result.num_examples
     if hooks is not None:
         update, num_examples = hooks.on_update(cid, update, num_examples, rng)
+    return _Trained(cid, server_round, update, num_examples, result.loss, t1 - t0, rng)
+
+
+def _claims(t: _Trained, encode_seconds: float) -> dict[str, MetaValue]:
+    """What a device states beside its update (bound with it when sealed)."""
+    return {
+        NUM_EXAMPLES: t.num_examples,
+        TRAIN_LOSS: t.loss,
+        CLIENT_ID: t.client_id,
+        TRAIN_SECONDS: t.train_seconds,
+        ENCODE_SECONDS: encode_seconds,
+    }
+
+
+def client_train(
+    msg: Message,
+    context: Context,
+    cfg: RunConfig,
+    seal_key: bytes | None = None,
+    hooks: ClientHooks | None = None,
+) -> Message:
+    t = _local_update(msg, context, cfg, hooks)
+    t1 = time.perf_counter()
     codec = build_codec(cfg.codec)
     residual = None
     if cfg.codec.error_feedback:
-        prior = load_residual(context, server_round, cfg.codec)
-        encoded, residual = encode_with_feedback(codec, update, prior, rng)
+        prior = load_residual(context, t.server_round, cfg.codec)
+        encoded, residual = encode_with_feedback(codec, t.update, prior, t.rng)
     else:
-        encoded = codec.encode(update, rng)
+        encoded = codec.encode(t.update, t.rng)
     # The claims travel in the update's header: a seal binds them with the update.
-    claims = {
-        NUM_EXAMPLES: num_examples,
-        TRAIN_LOSS: result.loss,
-        CLIENT_ID: cid,
-        TRAIN_SECONDS: t1 - t0,
-        ENCODE_SECONDS: time.perf_counter() - t1,  # delta, error feedback, codec
-    }
+    claims = _claims(t, time.perf_counter() - t1)  # encode: error feedback and codec
     encoded = Encoded(encoded.arrays, {**encoded.meta, **claims})
     t_seal = time.perf_counter()
-    encoded = _maybe_seal(encoded, msg, context, _seal_key(context, seal_key), server_round)
+    encoded = _maybe_seal(encoded, msg, context, _seal_key(context, seal_key), t.server_round)
     sealing = time.perf_counter() - t_seal
-    _remember(context, server_round, residual)
+    _remember(context, t.server_round, residual)
     return Message(train_content(encoded, sealing), reply_to=msg)
+
+
+def _secagg_state(context: Context) -> ConfigRecord:
+    return context.state.config_records.setdefault(SECAGG_STATE, ConfigRecord())
+
+
+def _round_id(msg: Message, context: Context) -> RoundId:
+    params = msg.content.config_records.get(PARAMS, ConfigRecord())
+    return RoundId(context.run_id, record_int(params, "server-round"))
+
+
+def client_secagg_train(
+    msg: Message, context: Context, cfg: RunConfig, hooks: ClientHooks | None = None
+) -> Message:
+    """SecAgg's masked-input stage: train, then send the masked, quantized update.
+
+    The update is neither encoded by the codec nor sealed: the masks hide it from the
+    relay and the aggregator alike. Error feedback works as with any codec."""
+    rid = _round_id(msg, context)
+    t = _local_update(msg, context, cfg, hooks)
+    t1 = time.perf_counter()
+    prior = load_residual(context, t.server_round, cfg.codec)
+    record, residual, bad = masked_input(
+        _secagg_state(context),
+        cfg.secagg,
+        rid,
+        t.client_id,
+        msg.content,
+        t.update,
+        prior,
+        t.num_examples,
+        t.rng,
+    )
+    claims: dict[str, ConfigRecordValues] = {
+        **_claims(t, time.perf_counter() - t1),
+        SHARES_REJECTED: bad,
+    }
+    _remember(context, t.server_round, residual if cfg.codec.error_feedback else None)
+    content = RecordDict({MASKED_INPUT: record, CODEC: ConfigRecord(claims)})
+    return Message(content, reply_to=msg)
+
+
+def client_secagg_query(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """SecAgg's key stages: advertise, share keys, unmask (fedpipe.secagg.device)."""
+    rid, kind = _round_id(msg, context), msg.metadata.message_type
+    state, cid = _secagg_state(context), client_id_of(context)
+    if kind == ADVERTISE:
+        examples = len(_local_data(cfg, context, cid))
+        content = advertise(state, cfg.secagg, rid, cid, examples, msg.content)
+    elif kind == SHARE:
+        content = share_keys(state, cfg.secagg, rid, cid, msg.content)
+    else:
+        content = unmask(state, cfg.secagg, rid, msg.content)
+    return Message(content, reply_to=msg)
 
 
 def client_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
@@ -286,6 +383,22 @@ def make_client_app(
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
         return client_evaluate(msg, context, resolve(context))
+
+    @app.train("secagg")
+    def _secagg_train(msg: Message, context: Context) -> Message:
+        return client_secagg_train(msg, context, resolve(context), hooks)
+
+    @app.query("secagg_advertise")
+    def _secagg_advertise(msg: Message, context: Context) -> Message:
+        return client_secagg_query(msg, context, resolve(context))
+
+    @app.query("secagg_share")
+    def _secagg_share(msg: Message, context: Context) -> Message:
+        return client_secagg_query(msg, context, resolve(context))
+
+    @app.query("secagg_unmask")
+    def _secagg_unmask(msg: Message, context: Context) -> Message:
+        return client_secagg_query(msg, context, resolve(context))
 
     @app.query("identify")
     def _identify(msg: Message, context: Context) -> Message:

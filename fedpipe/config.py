@@ -28,6 +28,7 @@ __all__ = [
     "ModelConfig",
     "PartitionConfig",
     "RunConfig",
+    "SecAggConfig",
     "SecurityConfig",
     "SimulationConfig",
     "TrainConfig",
@@ -292,21 +293,65 @@ class BoundsConfig:
 
 
 SEAL_MODES = ("auto", "on", "off")
+SECAGG_MODES = ("off", "on")
 
 
 @dataclass(frozen=True)
 class SecurityConfig:
-    """End-to-end sealing of updates, device to aggregator (fedpipe.crypto.seal)."""
+    """Who can read an update: sealing (fedpipe.crypto.seal) hides it from the relay;
+    secure aggregation (fedpipe.secagg) hides it from the aggregator too."""
 
     SECTION: ClassVar[str] = "security"
     # auto: on in deployment (fedpipe-server), off in simulation; on/off force it.
     seal: str = "auto"
+    # on: the aggregator learns only the sum of a round's updates (section [secagg]).
+    secagg: str = "off"
 
     def __post_init__(self) -> None:
         _choice(self.SECTION, "seal", self.seal, SEAL_MODES)
+        _choice(self.SECTION, "secagg", self.secagg, SECAGG_MODES)
 
     def sealed(self, deployed: bool) -> bool:
         return self.seal == "on" or (self.seal == "auto" and deployed)
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation of quantized updates (fedpipe.secagg), when security.secagg=on."""
+
+    SECTION: ClassVar[str] = "secagg"
+    # Bits per coordinate of each device's quantized update; the masked sum then takes
+    # m = bit_length(devices * (2^bits - 1)) bits a coordinate on the wire.
+    bits: int = 8
+    # Neighbours each device masks with and shares its secrets with (SecAgg+); 0 = every
+    # other sampled device (SecAgg). Even, so the graph is regular.
+    neighbours: int = 0
+    # Shares needed to recover a device's secrets, as a fraction of its neighbours;
+    # above 1/2, so an aggregator can never hold enough shares of both kinds.
+    threshold: float = 0.6
+    # The first round's clipping range [-clip, clip] for a weighted update coordinate;
+    # later rounds take clip_ratio x the largest coordinate of the previous round's mean
+    # update (never below clip / 16). Error feedback on the device carries what is cut.
+    clip: float = 0.05
+    clip_ratio: float = 4.0
+    # A device refuses a round with fewer sampled devices (a smaller sum reveals more).
+    min_devices: int = 3
+    # Each key stage (advertise, share, unmask) waits at most this long for replies;
+    # the masked-input stage, which trains, has federation.round_timeout.
+    stage_timeout: float = 120.0
+
+    def __post_init__(self) -> None:
+        _range(self.SECTION, "bits", self.bits, 1, 16)
+        _range(self.SECTION, "neighbours", self.neighbours, 0, 100_000)
+        if self.neighbours % 2 or self.neighbours == 1:
+            raise ConfigError(
+                f"secagg.neighbours={self.neighbours} must be 0 (all) or even and >= 2"
+            )
+        _range(self.SECTION, "threshold", self.threshold, 0.5, 1.0, lo_open=True)
+        _range(self.SECTION, "clip", self.clip, 0.0, 1e6, lo_open=True)
+        _range(self.SECTION, "clip_ratio", self.clip_ratio, 0.0, 1e6, lo_open=True)
+        _range(self.SECTION, "min_devices", self.min_devices, 2, 65_536)
+        _range(self.SECTION, "stage_timeout", self.stage_timeout, 0.0, 86_400.0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -381,6 +426,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     bounds: BoundsConfig = field(default_factory=BoundsConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
@@ -393,6 +439,22 @@ class RunConfig:
             _range("simulation", "fail_clients[]", cid, 0, last)
         for cid in self.simulation.attackers:
             _range("simulation", "attackers[]", cid, 0, last)
+        if self.security.secagg == "on":
+            self._check_secagg()
+
+    def _check_secagg(self) -> None:
+        """Secure aggregation decodes only the sum: what needs single updates cannot run."""
+        fed = self.federation
+        if fed.strategy in BUFFERED_STRATEGIES or fed.aggregation == "buffered":
+            raise ConfigError(
+                f"security.secagg=on reveals only the sum of updates; federation.strategy="
+                f"{fed.strategy!r} / aggregation={fed.aggregation!r} needs each update"
+            )
+        if self.codec.scheme != "float32":
+            raise ConfigError(
+                "security.secagg=on quantizes updates itself (secagg.bits); leave "
+                f"codec.scheme at 'float32', not {self.codec.scheme!r}"
+            )
 
 
 # --- dict <-> dataclass ------------------------------------------------------------

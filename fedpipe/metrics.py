@@ -35,6 +35,11 @@ class RoundRecord:
     clients_rejected: int = 0  # replies that arrived and were dropped (part of clients_failed)
     updates_clipped: int = 0  # accepted updates scaled down to the round's norm bound
     weights_capped: int = 0  # accepted replies whose num-examples was lowered to the cap
+    # Secure aggregation (security.secagg=on): 8 * masked-input bytes / (inputs * params);
+    # bits_per_param_up then counts every stage's replies.
+    bits_per_param_masked: float | None = None
+    secagg_abandoned: bool = False  # fewer than the threshold survived: model unchanged
+    secagg_dropped: int = 0  # sampled devices whose input is not in the sum
 
 
 def _mb(n: int) -> str:

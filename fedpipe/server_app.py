@@ -122,6 +122,7 @@ def run_server(
             wait_s=cfg.federation.wait_for_nodes,
         ),
         on_progress=view.clients_done,
+        secagg=cfg.secagg if cfg.security.secagg == "on" else None,
     )
     if done < cfg.federation.rounds:
         with _closing(view):

@@ -50,13 +50,16 @@ from fedpipe.boundary import (
     ReplyLimits,
     limit_array_inflation,
 )
-from fedpipe.codec import Codec, Update
-from fedpipe.config import BUFFERED_STRATEGIES, BoundsConfig, FederationConfig
+from fedpipe.codec import Codec, Update, unflatten
+from fedpipe.config import BUFFERED_STRATEGIES, BoundsConfig, FederationConfig, SecAggConfig
 from fedpipe.influence import InfluenceGuard, ReferenceGate, update_norm
 from fedpipe.metrics import RoundRecord
 from fedpipe.records import ARRAYS, METRICS, NUM_EXAMPLES, SEAL_REQUIRED, TRAIN_LOSS, wire_bytes
 from fedpipe.rounds.accumulate import BufferedUpdates, ExactSum, HeldUpdate, OutOfRange
 from fedpipe.rounds.engine import RoundEngine, RoundPlan
+from fedpipe.secagg.keys import RoundId
+from fedpipe.secagg.quant import dequantize_sum
+from fedpipe.secagg.server import SecAggRound
 
 __all__ = [
     "CodecStrategy",
@@ -146,6 +149,15 @@ def compress_broadcast(arrays: ArrayRecord, dtype: str) -> ArrayRecord:
     return ArrayRecord(out)
 
 
+def _mean_reply(
+    mean: Mapping[str, np.ndarray], like: Update, weight: float, loss: float
+) -> Message:
+    """A round's aggregate as the single reply a weighted-mean strategy averages to it."""
+    metrics = MetricRecord({NUM_EXAMPLES: weight, TRAIN_LOSS: loss})
+    content = RecordDict({ARRAYS: cast_like(mean, like), METRICS: metrics})
+    return Message(content, dst_node_id=0, message_type="train")
+
+
 @dataclass
 class _Round:
     """What one round has cost so far."""
@@ -166,6 +178,9 @@ class _Round:
     slowest_train_seconds: float = 0.0
     crypto_seconds: float = 0.0  # server opening + accepted clients' sealing
     train_loss: float | None = None
+    secure: bool = False  # a SecAgg round: only the sum was decoded
+    masked_bytes: int = 0  # SecAgg: the masked inputs' bytes (payload_bytes: all stages)
+    abandoned: bool = False
 
 
 Pending = tuple[DecodedReply, float]  # a decoded reply and its update's L2 norm
@@ -205,6 +220,7 @@ class CodecStrategy(Strategy):
         streaming: bool = True,
         plan: RoundPlan | None = None,
         on_progress: Callable[[int, int, int], None] | None = None,
+        secagg: SecAggConfig | None = None,
     ) -> None:
         self.inner = inner
         self.codec = codec
@@ -224,6 +240,9 @@ class CodecStrategy(Strategy):
         self._boundary = DecodeBoundary(codec, {}, opener, max_examples=self.bounds.max_examples)
         self._round = _Round(started=time.perf_counter())
         self._intake: _Intake | None = None
+        # Secure aggregation: the protocol's config and the next round's clipping range.
+        self.secagg = secagg
+        self._clip = secagg.clip if secagg is not None else 0.0
 
     # -- sending ----------------------------------------------------------------------
 
@@ -325,6 +344,67 @@ class CodecStrategy(Strategy):
             for pending in self._intake.gate.offer(node, None):
                 self._fold(self._intake, *pending)
 
+    def secure_train(
+        self,
+        grid: Grid,
+        server_round: int,
+        messages: list[Message],
+        clients: Mapping[int, int],
+        deadline: float,
+    ) -> ArrayRecord | None:
+        """A SecAgg round (fedpipe.secagg.server) instead of the training stage: the
+        aggregate from the exact sum of the devices' quantized updates, or None when the
+        round is abandoned. No single update is ever decoded, so the influence bounds
+        cannot look at one: the grid's clipping range and weight cap bound it instead."""
+        assert self.secagg is not None
+        self._intake = None
+        run_id = getattr(getattr(grid, "run", None), "run_id", 0)
+        protocol = SecAggRound(
+            self.secagg,
+            RoundId(int(run_id), server_round),
+            self.plan.seed,
+            self._clip,
+            self.bounds.weight_ratio,
+            self.bounds.max_examples,
+            self.plan.poll_s,
+        )
+        count = sum(int(v.size) for v in self._global.values())
+        t0 = time.perf_counter()
+        out = protocol.run(
+            grid, messages, clients, deadline, count, self._boundary.limits, self._boundary.claims
+        )
+        r = self._round
+        r.secure, r.abandoned = True, out.total is None
+        r.bytes_up, r.bytes_down = out.bytes_up, out.bytes_down
+        r.payloads, r.payload_bytes, r.masked_bytes = out.devices, out.bytes_up, out.masked_bytes
+        r.rejected = sum(s.rejected for s in out.stages.values())
+        r.replied = out.devices
+        for claims in out.claims:
+            r.encode_seconds += claims.encode_seconds
+            r.train_seconds += claims.train_seconds
+            r.slowest_train_seconds = max(r.slowest_train_seconds, claims.train_seconds)
+        r.decode_seconds = time.perf_counter() - t0 - out.seconds.get("masked", 0.0)
+        if out.total is None:
+            return None
+        values, weight = dequantize_sum(out.total, out.devices, out.clip, out.bits)
+        if weight <= 0:
+            log.warning("round %d: the secure sum carries no weight; model unchanged", server_round)
+            r.abandoned = True
+            return None
+        mean = values / weight  # (count,) float64: the weighted mean update
+        peak = float(np.abs(mean).max()) if mean.size else 0.0
+        self._clip = max(self.secagg.clip / 16, self.secagg.clip_ratio * peak)
+        update = unflatten(mean, self._global)
+        examples = [float(c.num_examples) for c in out.claims]
+        loss = math.fsum(e * c.train_loss for e, c in zip(examples, out.claims, strict=True))
+        reply = _mean_reply(
+            {k: g.astype(np.float64) + update[k] for k, g in self._global.items()},
+            self._global,
+            weight * out.max_weight,
+            loss / max(math.fsum(examples), 1.0),
+        )
+        return self._aggregate(server_round, [reply])[0]
+
     def _fold(self, intake: _Intake, reply: DecodedReply, norm: float) -> None:
         """Bound one reply against the round's reference and add it to the aggregate."""
         ref = intake.gate.reference
@@ -376,6 +456,12 @@ class CodecStrategy(Strategy):
             log.warning("round %d: no valid update; the global model is unchanged", server_round)
             return None, None
         replies = self._streamed(intake) if self.streaming else self._buffered(intake)
+        return self._aggregate(server_round, replies)
+
+    def _aggregate(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The inner strategy's aggregate of `replies`, in the global model's dtypes."""
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         if arrays is not None:
             arrays = cast_like({k: a.numpy() for k, a in arrays.items()}, self._global)
@@ -394,11 +480,7 @@ class CodecStrategy(Strategy):
         scale = 1.0 / math.fsum(intake.factors)
         weight = math.fsum(intake.admitted)
         mean = {k: g.astype(np.float64) + total[k] * scale for k, g in self._global.items()}
-        metrics = MetricRecord(
-            {NUM_EXAMPLES: weight, TRAIN_LOSS: math.fsum(intake.losses) / weight}
-        )
-        content = RecordDict({ARRAYS: cast_like(mean, self._global), METRICS: metrics})
-        return [Message(content, dst_node_id=0, message_type="train")]
+        return [_mean_reply(mean, self._global, weight, math.fsum(intake.losses) / weight)]
 
     def _buffered(self, intake: _Intake) -> list[Message]:
         """Every admitted update as the full weights Flower's strategies average."""
@@ -448,6 +530,7 @@ class CodecStrategy(Strategy):
         central = central or MetricRecord()
         params = sum(int(v.size) for v in self._global.values())
         bits = 8 * r.payload_bytes / (r.payloads * params) if r.payloads and params else None
+        masked = 8 * r.masked_bytes / (r.payloads * params) if r.secure and bits else None
         rec = RoundRecord(
             round=server_round,
             accuracy=float(central.get("accuracy", math.nan)),  # type: ignore[arg-type]
@@ -468,6 +551,9 @@ class CodecStrategy(Strategy):
             train_seconds=r.train_seconds,
             slowest_train_seconds=r.slowest_train_seconds,
             crypto_seconds=r.crypto_seconds,
+            bits_per_param_masked=masked,
+            secagg_abandoned=r.abandoned,
+            secagg_dropped=r.sampled - r.replied if r.secure else 0,
         )
         if self.on_round_end is not None:
             self.on_round_end(rec)

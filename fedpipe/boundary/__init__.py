@@ -17,15 +17,33 @@ from fedpipe.boundary._decode import (
 )
 from fedpipe.boundary._inflate import limit_array_inflation, oversized
 from fedpipe.boundary._records import ReplyLimits, safe_text
+from fedpipe.boundary._secagg import (
+    SHARES_REJECTED,
+    Advertised,
+    MaskedInput,
+    Revealed,
+    decode_advertise,
+    decode_masked,
+    decode_shares,
+    decode_unmask,
+)
 
 __all__ = [
+    "SHARES_REJECTED",
+    "Advertised",
     "Claims",
     "DecodeBoundary",
     "DecodedReply",
+    "MaskedInput",
     "Opener",
     "Rejection",
     "ReplyLimits",
+    "Revealed",
+    "decode_advertise",
     "decode_identity",
+    "decode_masked",
+    "decode_shares",
+    "decode_unmask",
     "limit_array_inflation",
     "oversized",
     "safe_text",

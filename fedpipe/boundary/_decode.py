@@ -148,7 +148,7 @@ class DecodeBoundary:
             else {}
         )
         size = wire_bytes(content)  # safe now: every string and number has been checked
-        claims = self._claims(meta)
+        claims = self.claims(meta)
         encoded = Encoded(arrays, meta)
         t0 = time.perf_counter()
         if self.opener is not None:
@@ -162,7 +162,8 @@ class DecodeBoundary:
         seal_s = seal_s if 0.0 <= seal_s <= self.max_seconds else 0.0
         return DecodedReply(node, claims, update, size, seal_s, opened)
 
-    def _claims(self, meta: dict[str, Scalar]) -> Claims:
+    def claims(self, meta: dict[str, Scalar]) -> Claims:
+        """A reply header's claims, each within its bounds (PayloadError otherwise)."""
         return Claims(
             num_examples=_int(meta, NUM_EXAMPLES, 1, self.max_examples),
             train_loss=_number(meta, TRAIN_LOSS, -math.inf, math.inf),

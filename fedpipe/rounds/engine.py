@@ -13,7 +13,8 @@ inner strategy's configure/aggregate, the ServerApp and ClientApp) but decides t
 5. centralized evaluation, the round's record, then the checkpoint (so a resumed run
    has no gap).
 
-The secure-aggregation stages of a later round type slot in between 2 and 5.
+With secure aggregation (security.secagg=on), stage 3 is SecAgg's four stages
+(`fedpipe.secagg.server`): advertise keys, share keys, masked input, unmask.
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ class RoundEngine:
         s = self.strategy
         sampled = self._sample(grid, server_round, self.plan.fraction_train, "train")
         messages = list(s.configure_train(server_round, arrays, config, sampled))  # type: ignore[arg-type]
+        if s.secagg is not None:  # the four SecAgg stages replace the training stage
+            return s.secure_train(grid, server_round, messages, sampled.clients, deadline)
 
         def progress(done: int, sent: int) -> None:
             if s.on_progress is not None:
