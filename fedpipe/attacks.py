@@ -92,14 +92,15 @@ def build_attack(cfg: RunConfig) -> Attack | None:
 
 
 def fault_mod(sim: SimulationConfig) -> Mod | None:
-    """A Flower mod that makes the `simulation.fail_clients` raise on training messages."""
+    """A Flower mod that makes the `simulation.fail_clients` raise on training messages
+    (SecAgg's masked-input stage included: those devices drop out after sharing keys)."""
     failing = frozenset(sim.fail_clients)
     if not failing:
         return None
 
     def fail(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         cid = client_id_of(context)
-        if msg.metadata.message_type == MessageType.TRAIN and cid in failing:
+        if msg.metadata.message_type.startswith(MessageType.TRAIN) and cid in failing:
             raise RuntimeError(f"client {cid}: injected failure (simulation.fail_clients)")
         return call_next(msg, context)
 

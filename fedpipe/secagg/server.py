@@ -375,7 +375,12 @@ class SecAggRound:
     # -- recovery -----------------------------------------------------------------------
 
     def _recover(self, owner: int, kind: str) -> bytes:
-        """A device's seed ("seed") or mask key ("key") from t neighbours' shares."""
+        """A device's seed ("seed") or mask key ("key") from t neighbours' shares.
+
+        Each result is checked (the seed against its commitment, the key against the
+        advertised public key). When more than t shares came back, a failed check is
+        retried without one share at a time, so one neighbour's bad share does not
+        abandon the round; more bad shares than that do."""
         t = self._t()
         points = sorted(
             (holder + 1, share)
@@ -385,20 +390,24 @@ class SecAggRound:
         )
         if len(points) < t:
             raise _Abandon(f"{len(points)} {kind} share(s) of client {owner} returned; {t} needed")
+        tries = [points] + [points[:i] + points[i + 1 :] for i in range(len(points))]
+        for use in tries if len(points) > t else tries[:1]:
+            secret = self._checked(owner, kind, use, t)
+            if secret is not None:
+                return secret
+        raise _Abandon(f"client {owner}'s {kind} fails its check (bad shares)")
+
+    def _checked(
+        self, owner: int, kind: str, points: Sequence[tuple[int, bytes]], t: int
+    ) -> bytes | None:
         try:
-            value = shamir.combine(points, t)
-            secret = value.to_bytes(keys.KEY_BYTES, "big")
-        except (shamir.ShareError, OverflowError) as exc:
-            raise _Abandon(f"client {owner}'s {kind} does not reconstruct: {exc}") from exc
+            secret = shamir.combine(points, t).to_bytes(keys.KEY_BYTES, "big")
+        except (shamir.ShareError, OverflowError):
+            return None
         pub = self._pub[owner]
-        ok = (
-            keys.commit(secret, self.rid) == pub.commit
-            if kind == "seed"
-            else _public_or_none(secret) == pub.pk_s
-        )
-        if not ok:
-            raise _Abandon(f"client {owner}'s reconstructed {kind} fails its check (a bad share)")
-        return secret
+        if kind == "seed":
+            return secret if keys.commit(secret, self.rid) == pub.commit else None
+        return secret if _public_or_none(secret) == pub.pk_s else None
 
     def _unmasked_sum(self) -> np.ndarray:
         assert self._sum is not None
