@@ -55,8 +55,10 @@ global model, bytes down/up per stage, totals, the collect-stage replies alone
 bytes), bits per parameter per client (8 * bytes / (clients * params)) for each, and
 each client's CPU seconds per stage.
 
-What Flower 1.42's SecAgg+ does, read in its source and checked by the runs:
+What Flower 1.42's SecAgg+ does, read in its source and checked by the runs below:
 
+- The legacy API works in 1.42 (ServerApp + LegacyContext + DefaultWorkflow +
+  SecAggPlusWorkflow, NumPyClient + secaggplus_mod): every round completes.
 - The masked vector is int64: `quantize` gives int32 in [0, quantization_range], the
   pseudo-random masks are drawn as int64 (`np.random.RandomState.randint(...,
   dtype=np.int64)`), their sum is reduced mod `modulus_range` (2**32 by default) but
@@ -64,8 +66,10 @@ What Flower 1.42's SecAgg+ does, read in its source and checked by the runs:
   array) in a ConfigRecord's bytes list: 64 bits per parameter on the wire although
   only log2(modulus_range) = 32 carry information, twice the float32 model it hides.
   A one-element int64 array (the quantized weight num_examples / max_weight) leads it.
-- The download of the collect stage is the legacy FitIns, the float32 global model
-  (~32 bits per parameter per client), plus the relayed ciphertexts.
+- The download of the collect stage is the legacy FitIns (the global model and the fit
+  config) plus the relayed ciphertexts. The model is float32 in round 1 only:
+  `dequantize` returns float64, FedAvg keeps that dtype, so from round 2 on the global
+  model, and the download, is float64 (64 bits per parameter per client).
 - `SecAggPlusWorkflow(timeout=None)` by default: each of the four stages waits until
   every reply has arrived, with no limit (and so does `DefaultWorkflow`'s own fit).
   Here every stage waits at most `ROUND_TIMEOUT` seconds, so a lost client ends the
@@ -73,9 +77,15 @@ What Flower 1.42's SecAgg+ does, read in its source and checked by the runs:
 - Weighting: each client sends (num_examples / max_weight) * params, clipped to
   [-clipping_range, clipping_range] before quantization, with max_weight = 1000 by
   default. A client holding more than max_weight examples only gets a warning
-  ("Potential overflow warning"), and its weighted parameters larger than
-  clipping_range are clipped, i.e. its parameters above clipping_range * max_weight /
-  num_examples in magnitude. The result says whether any client exceeded max_weight.
+  ("Potential overflow warning"), and its parameters larger than clipping_range *
+  max_weight / num_examples in magnitude are clipped. The result says how many clients
+  exceeded max_weight (all 10 in the MNIST run; they clipped at most 7e-5 of their
+  parameters there).
+- Wrap-around: the server sums the quantized values mod 2**32, each in
+  [0, quantization_range], so more than modulus_range / quantization_range = 1024
+  clients in a round (about 2048 for parameters near 0) wrap silently with the
+  defaults. Flower's warning for this compares `num_shares`, not the number of
+  sampled clients, with that ratio.
 - The mask seeds: `pseudo_rand_gen` folds the 32-byte seed (or shared key) into 32 bits
   by XOR and seeds NumPy's legacy Mersenne Twister with it, so a mask has 2**32
   possible values whatever the key length; stochastic rounding draws from NumPy's
@@ -83,6 +93,25 @@ What Flower 1.42's SecAgg+ does, read in its source and checked by the runs:
 - The aggregate does change the model: the workflow writes the unmasked weighted mean
   into each FitRes and calls the strategy's `aggregate_fit`, whose weighted mean of
   identical arrays is that mean. The per-round accuracy and `update_l2` show it.
+
+Measured (2-core machine, other jobs running beside it, so wall times are loose):
+
+- digits, MLP (8,970 parameters), 5 IID clients, 1 epoch, num_shares=5, threshold=3:
+  test accuracy 0.125 -> 0.647 -> 0.861 over 2 rounds; the round-1 aggregate equals
+  plaintext FedAvg of the same local models (trained again outside Flower) within
+  8.3e-6. Masked payload 64.8 bits/parameter/client (65.8 with the reply around it,
+  69.8 for everything up); down 40.6 bits in round 1, 72.6 in round 2 (float64).
+  Round 2 took 0.55 s (round 1 9-11 s: Ray workers start and load the data).
+- MNIST, CNN (1,663,370 parameters), Dirichlet(0.5), 10 clients, 1 epoch, num_shares=5,
+  threshold=3: per round setup 4.9 kB down / 8.1 kB up, share keys 26.8 / 28.9 kB,
+  collect 66.6 MB down (133.1 MB from round 2) / 133.1 MB up, unmask 4.2 / 7.1 kB:
+  64.01 bits/parameter/client for the masked vectors, 64.03 for all of up, 32.05
+  (then 64.05) down. Round 1 took 45-53 s (85 s with tests running beside it), round 2
+  61 s, nearly all of it training (66-68 CPU s over 2 workers); SecAgg+'s own client
+  CPU in the collect stage is ~0.1 s a client, setup/share keys/unmask ~1-10 ms.
+  Accuracy 0.095 -> 0.1135 -> 0.210: after round 1 the model predicts one class, and
+  so does plaintext FedAvg of the same local models (one client with 11,814 examples
+  diverges and dominates the weighted mean); that is the training setup, not SecAgg+.
 """
 
 from __future__ import annotations
