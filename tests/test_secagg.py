@@ -444,3 +444,68 @@ def test_stage_messages_round_trip_through_flower_records() -> None:
     again = recorddict_from_proto(recorddict_to_proto(out))
     assert again.array_records[TABLE]["boxes"].numpy().shape == (5, 160)
     assert Message(again, dst_node_id=1, message_type=SHARE).content is again
+
+
+# -- a hostile device -----------------------------------------------------------------
+
+
+def _low_order_point() -> bytes:
+    return bytes(32)  # the identity: every agreement with it is all zeros
+
+
+HOSTILE: dict[str, object] = {
+    "advertise-low-order-key": (
+        "query.secagg_advertise",
+        lambda c: c.config_records[PARAMS].__setitem__("pk-s", _low_order_point()),
+    ),
+    "advertise-other-client": (
+        "query.secagg_advertise",
+        lambda c: c.config_records[PARAMS].__setitem__("client-id", 99),
+    ),
+    "share-boxes-for-strangers": (
+        SHARE,
+        lambda c: c.array_records[TABLE].__setitem__("ids", id_array([90, 91, 92, 93, 94])),
+    ),
+    "masked-input-short": (
+        MASKED,
+        lambda c: c.array_records["masked"].__setitem__(
+            "y", ArrayRecord({"y": row_array([b"\x00" * 3], 3)})["y"]
+        ),
+    ),
+    "unmask-shares-never-asked-for": (
+        UNMASK,
+        lambda c: c.array_records[TABLE].__setitem__("key-ids", id_array([1, 2])),
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(HOSTILE))
+def test_hostile_replies_are_rejected_and_the_round_goes_on(attack: str) -> None:
+    """Client 0 answers one stage with something no honest device sends: the reply is a
+    counted rejection, client 0 is treated as dropped, and the others' sum is exact."""
+    stage, edit = HOSTILE[attack]  # type: ignore[misc]
+    cfg = SecAggConfig(bits=8, threshold=0.6, stage_timeout=0.3)
+    codes = _codes(7, 40, 8, seed=9)
+
+    class Hostile(Devices):
+        def _answer(self, me: int, kind: str, content: RecordDict) -> RecordDict:
+            out = super()._answer(me, kind, content)
+            if me == 0 and kind == stage:
+                edit(out)
+            return out
+
+    devs = Hostile(cfg, codes)
+    out = run_round(devs, 40)
+    name = {
+        v: k
+        for k, v in {
+            "advertise": "query.secagg_advertise",
+            "share": SHARE,
+            "masked": MASKED,
+            "unmask": UNMASK,
+        }.items()
+    }[stage]
+    assert out.stages[name].rejected == 1
+    assert out.abandoned is None and out.total is not None
+    keep = set(codes) if stage == UNMASK else set(codes) - {0}
+    assert np.array_equal(out.total.astype(np.uint64), _plain_sum(codes, keep))

@@ -178,6 +178,7 @@ def test_secagg_recovers_a_device_killed_after_its_masked_input(deployment: Depl
     clients = [d.client(i, extra=canary if i == VICTIM else ()) for i in range(DEVICES)]
 
     kill = watch_and_kill(d, server, clients[VICTIM], timeout=240)
+    print(f"device {VICTIM} killed at {kill.seconds:.1f} s, seeing its {kill.state}")
     assert server.wait(240) == 0, d.log("server.log")
 
     # The victim sent its masked input and never an unmask reply (its own log says so).
@@ -193,7 +194,8 @@ def test_secagg_recovers_a_device_killed_after_its_masked_input(deployment: Depl
     assert first["clients_replied"] == DEVICES  # the victim's input is in the sum
     assert first["secagg_dropped"] == 0 and first["secagg_abandoned"] is False
     assert math.isfinite(first["accuracy"]) and first["accuracy"] > 0.1
-    assert MODULUS <= first["bits_per_param_masked"] < MODULUS + 2
+    # The masked array alone takes m bits a parameter (the metric adds the reply's claims).
+    assert first["bits_per_param_masked"] >= MODULUS
     # Round 2: the four survivors (the dead node, if still listed, dropped at advertise).
     assert second["secagg_abandoned"] is False
     assert second["clients_replied"] == DEVICES - 1

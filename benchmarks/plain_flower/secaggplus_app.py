@@ -163,7 +163,7 @@ from fedpipe.data import (
     search_roots,
 )
 from fedpipe.models import build_model
-from fedpipe.seed import round_generator
+from fedpipe.seed import round_generator, set_seed
 from fedpipe.simulation import quiet_flower
 from fedpipe.training import evaluate, train
 
@@ -293,7 +293,13 @@ class _FedpipeClient(NumPyClient):
             load_dataset(data).num_classes,
         )
         _load(model, parameters)
-        cfg = TrainConfig(epochs=_cfg_int(config, "epochs"), batch_size=BATCH_SIZE, lr=LR)
+        cfg = TrainConfig(
+            epochs=_cfg_int(config, "epochs"),
+            batch_size=_cfg_int(config, "batch-size"),
+            optimizer=str(config["optimizer"]),
+            lr=_cfg_float(config, "lr"),
+            momentum=_cfg_float(config, "momentum"),
+        )
         gen = round_generator(seed, self.partition_id, server_round)
         cpu0, wall0 = time.process_time(), time.perf_counter()
         result = train(model, shard, cfg, gen, torch.device("cpu"))
@@ -487,21 +493,26 @@ def run_flower_secaggplus(
     seed: int = 0,
     *,
     max_weight: float = FLOWER_MAX_WEIGHT,
+    train_cfg: TrainConfig | None = None,
 ) -> dict[str, Any]:
     """Train with Flower's SecAgg+ on Flower's simulation engine; rows per round.
 
     Every client takes part in every round (`partition.num_clients` SuperNodes, one CPU
     each). `num_shares` and `reconstruction_threshold` go to `SecAggPlusWorkflow` as
     given (an int num_shares must be > 2, the threshold below it); `max_weight` keeps
-    Flower's default unless the caller wants no client's weight to be clipped. See the
-    module doc for what each field means.
+    Flower's default unless the caller wants no client's weight to be clipped;
+    `train_cfg` is the local training (batch size, optimizer, learning rate, momentum;
+    default batch 16, SGD lr 0.05 as in sim_app). The initial model is fedpipe's for the
+    same seed (`fedpipe.seed.set_seed`, then the model). See the module doc for what
+    each field means.
     """
+    local = train_cfg or TrainConfig(batch_size=BATCH_SIZE, lr=LR)
     os.environ.update(OFFLINE_ENV)
     quiet_flower()
     data = _data_config(dataset)
     ds = load_dataset(data)
     shape = ModelConfig(name=model)
-    torch.manual_seed(seed)
+    set_seed(seed)
     net = build_model(shape, ds.input_shape, ds.num_classes)
     params = sum(p.numel() for p in net.parameters())
     initial = _arrays(net)
@@ -541,6 +552,10 @@ def run_flower_secaggplus(
             "epochs": epochs,
             "seed": seed,
             "server-round": server_round,
+            "batch-size": local.batch_size,
+            "optimizer": local.optimizer,
+            "lr": local.lr,
+            "momentum": local.momentum,
         }
 
     strategy = FedAvg(
@@ -633,6 +648,7 @@ def run_flower_secaggplus(
         "rounds_requested": rounds,
         "epochs": epochs,
         "seed": seed,
+        "train": {"batch_size": local.batch_size, "lr": local.lr, "momentum": local.momentum},
         "secaggplus": {
             "num_shares": num_shares,
             "reconstruction_threshold": reconstruction_threshold,
