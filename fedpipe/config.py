@@ -332,7 +332,7 @@ class SecAggConfig:
     # The first round's clipping range [-clip, clip] for a weighted update coordinate;
     # later rounds take clip_ratio x the largest coordinate of the previous round's mean
     # update (never below clip / 16). Error feedback on the device carries what is cut.
-    clip: float = 0.05
+    clip: float = 0.15
     clip_ratio: float = 4.0
     # A device refuses a round with fewer sampled devices (a smaller sum reveals more).
     min_devices: int = 3
