@@ -17,6 +17,7 @@ input sits in it nor after the run.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import sqlite3
@@ -173,13 +174,15 @@ def test_secagg_recovers_a_device_killed_after_its_masked_input(
         "security.secagg=on",
         "federation.rounds=2",
         # Round 1 must have all five devices; round 2 starts about stage_timeout after the
-        # kill, while the SuperLink still lists the dead node (60 s without a heartbeat),
-        # so it is sampled, stays silent at the advertise stage and the round runs on four.
+        # kill, while the SuperLink still lists the dead node (Flower keeps a node online
+        # 2 x 30 s after its last heartbeat, sent every ~24 s: 36 s after the kill at
+        # least), so it is sampled, stays silent at the advertise stage and the round runs
+        # on four. (With min_nodes=4, round 1 could start before the fifth device joins.)
         f"federation.min_nodes={DEVICES}",
-        "federation.round_timeout=60",
+        "federation.round_timeout=120",
         f"secagg.bits={BITS}",
         "secagg.min_devices=3",
-        "secagg.stage_timeout=10",
+        "secagg.stage_timeout=15",  # round 1 key stages took ~7 s at load 6 on 2 cores
     ]
     server = d.server(*args, *SERVER_ARGS, *d.common)
     canary = ("--node-config", f'test-canary="{",".join(str(v) for v in CANARY)}"')
@@ -230,11 +233,12 @@ def test_canary_pattern_is_what_the_device_would_pack_unmasked() -> None:
     """The pattern the live test searches for is exactly the device's unmasked codes: the
     device's own quantizer, fed the canary, gives L, 0, L, 0, ... whatever the rounding
     draws (any weight share > 0), and `pack` puts them first."""
+    from fedpipe.config import SecAggConfig
     from fedpipe.secagg.quant import quantize
 
     update = np.concatenate([np.array(CANARY, np.float32), np.zeros(100, np.float32)])
-    for weight in (0.2, 1.0):
-        for seed in range(3):
-            codes = quantize(update, weight, 0.05, BITS, np.random.default_rng(seed))
-            assert list(codes[:64]) == [LEVELS if v > 0 else 0 for v in CANARY]
-            assert pack(codes, MODULUS).tobytes().startswith(canary_pattern(MODULUS))
+    clips = (0.05, SecAggConfig().clip, 1.0)  # the first round's clip is the config's
+    for clip, weight, seed in itertools.product(clips, (0.2, 1.0), range(3)):
+        codes = quantize(update, weight, clip, BITS, np.random.default_rng(seed))
+        assert list(codes[:64]) == [LEVELS if v > 0 else 0 for v in CANARY]
+        assert pack(codes, MODULUS).tobytes().startswith(canary_pattern(MODULUS))
