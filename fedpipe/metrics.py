@@ -35,11 +35,14 @@ class RoundRecord:
     clients_rejected: int = 0  # replies that arrived and were dropped (part of clients_failed)
     updates_clipped: int = 0  # accepted updates scaled down to the round's norm bound
     weights_capped: int = 0  # accepted replies whose num-examples was lowered to the cap
-    # Secure aggregation (security.secagg=on): 8 * masked-input bytes / (inputs * params);
-    # bits_per_param_up then counts every stage's replies.
+    # Secure aggregation (security.secagg=on): 8 * bytes of the masked inputs' arrays (the
+    # bit-packed words with their .npy header) / (inputs * params); bits_per_param_up then
+    # counts every stage's replies, framing and claims included.
     bits_per_param_masked: float | None = None
     secagg_abandoned: bool = False  # fewer than the threshold survived: model unchanged
     secagg_dropped: int = 0  # sampled devices whose input is not in the sum
+    # valid replies per stage: advertise, share, masked input, unmask
+    secagg_replies: list[int] | None = None
 
 
 def _mb(n: int) -> str:
@@ -48,6 +51,10 @@ def _mb(n: int) -> str:
 
 def progress_line(rec: RoundRecord, total_rounds: int) -> str:
     bits = f" ({rec.bits_per_param_up:.2f} bit/param)" if rec.bits_per_param_up else ""
+    if rec.bits_per_param_masked:
+        bits = f" ({rec.bits_per_param_up:.2f} bit/param, masked {rec.bits_per_param_masked:.2f})"
+    if rec.secagg_abandoned:
+        bits += " [secure round abandoned: model kept]"
     return (
         f"round {rec.round:>3}/{total_rounds} | acc {rec.accuracy:.4f} | loss {rec.loss:.4f} | "
         f"clients {rec.clients_replied}/{rec.clients_sampled} ok, {rec.clients_failed} failed | "

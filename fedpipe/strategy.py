@@ -181,6 +181,7 @@ class _Round:
     secure: bool = False  # a SecAgg round: only the sum was decoded
     masked_bytes: int = 0  # SecAgg: the masked inputs' bytes (payload_bytes: all stages)
     abandoned: bool = False
+    secagg_replies: list[int] | None = None  # valid replies per SecAgg stage
 
 
 Pending = tuple[DecodedReply, float]  # a decoded reply and its update's L2 norm
@@ -369,7 +370,6 @@ class CodecStrategy(Strategy):
             self.plan.poll_s,
         )
         count = sum(int(v.size) for v in self._global.values())
-        t0 = time.perf_counter()
         out = protocol.run(
             grid, messages, clients, deadline, count, self._boundary.limits, self._boundary.claims
         )
@@ -383,7 +383,10 @@ class CodecStrategy(Strategy):
             r.encode_seconds += claims.encode_seconds
             r.train_seconds += claims.train_seconds
             r.slowest_train_seconds = max(r.slowest_train_seconds, claims.train_seconds)
-        r.decode_seconds = time.perf_counter() - t0 - out.seconds.get("masked", 0.0)
+        # the aggregator's own work (decoding and folding replies, rebuilding secrets,
+        # removing masks), not the stages' waits for devices
+        r.decode_seconds = out.seconds.get("decode", 0.0) + out.seconds.get("reconstruct", 0.0)
+        r.secagg_replies = out.replies
         if out.total is None:
             return None
         values, weight = dequantize_sum(out.total, out.devices, out.clip, out.bits)
@@ -554,6 +557,7 @@ class CodecStrategy(Strategy):
             bits_per_param_masked=masked,
             secagg_abandoned=r.abandoned,
             secagg_dropped=r.sampled - r.replied if r.secure else 0,
+            secagg_replies=r.secagg_replies,
         )
         if self.on_round_end is not None:
             self.on_round_end(rec)

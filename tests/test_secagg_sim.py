@@ -48,6 +48,7 @@ def test_a_third_of_devices_failing_to_train_still_gives_a_round(tmp_path: Path)
     for r in rounds:
         assert not r["secagg_abandoned"]
         assert (r["clients_replied"], r["secagg_dropped"]) == (4, 2)
+        assert r["secagg_replies"] == [6, 6, 4, 4]  # advertise, share, masked, unmask
     assert rounds[-1]["accuracy"] > 0.8  # type: ignore[operator]
 
 

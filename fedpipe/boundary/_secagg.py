@@ -67,6 +67,7 @@ class MaskedInput:
     words: np.ndarray  # (count,) uint32, each < 2^m
     shares_rejected: int
     wire_bytes: int
+    payload_bytes: int  # the masked words' array as sent (.npy bytes)
 
 
 @dataclass(frozen=True)
@@ -175,8 +176,9 @@ def decode_masked(
         rejected = meta.pop(SHARES_REJECTED, 0)
         if isinstance(rejected, bool) or not isinstance(rejected, int) or not 0 <= rejected < 2**20:
             raise PayloadError(f"{SHARES_REJECTED} must be a small integer")
+        payload = len(msg.content.array_records[MASKED_INPUT]["y"].data)
         return MaskedInput(
-            claims(meta), unpack(packed, m, count), rejected, wire_bytes(msg.content)
+            claims(meta), unpack(packed, m, count), rejected, wire_bytes(msg.content), payload
         )
 
     return _guard(msg, "masked input", parse)

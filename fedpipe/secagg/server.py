@@ -80,10 +80,15 @@ class SecAggOutcome:
     bits: int = 0
     modulus: int = 0
     max_weight: int = 1
-    masked_bytes: int = 0  # the masked inputs alone
+    masked_bytes: int = 0  # the masked inputs' arrays alone (bit-packed words, .npy header)
     shares_rejected: int = 0  # share boxes that devices reported would not open
     abandoned: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # aggregator time per stage
+
+    @property
+    def replies(self) -> list[int]:
+        """Valid replies per stage, in stage order (advertise, share, masked, unmask)."""
+        return [s.replied for s in self.stages.values()]
 
     @property
     def bytes_up(self) -> int:
@@ -123,7 +128,7 @@ class SecAggRound:
         self._boxes: dict[int, dict[int, bytes]] = {}  # sender -> receiver -> box
         self._alive: dict[int, list[int]] = {}  # client -> neighbours it masks with
         self._sum: np.ndarray | None = None
-        self._masked: dict[int, MaskedInput] = {}
+        self._masked: dict[int, Claims] = {}  # client -> its claims, input in the sum
         self._revealed: dict[int, Revealed] = {}
 
     # -- the stages ---------------------------------------------------------------------
@@ -166,13 +171,26 @@ class SecAggRound:
         t0 = time.perf_counter()
 
         def handle(reply: Message) -> None:
+            t = time.perf_counter()
             if on_reply(reply):
                 cost.replied += 1
             else:
                 cost.rejected += 1
+            self.out.seconds["decode"] = self.out.seconds.get("decode", 0.0) + (
+                time.perf_counter() - t
+            )
 
-        run_stage(grid, messages, handle, deadline, self.poll_s)
+        result = run_stage(grid, messages, handle, deadline, self.poll_s)
         self.out.seconds[name] = time.perf_counter() - t0
+        log.info(
+            "round %d secagg %s: %d of %d replied, %d rejected, %d silent",
+            self.rid.round,
+            name,
+            cost.replied,
+            cost.sent,
+            cost.rejected,
+            len(result.silent),
+        )
 
     def _deadline(self, deadline: float) -> float:
         return min(deadline, time.monotonic() + self.cfg.stage_timeout)
@@ -195,8 +213,13 @@ class SecAggRound:
     def _advertise(
         self, grid: Grid, nodes: list[int], clients: Mapping[int, int], deadline: float
     ) -> None:
-        by_node = {n: clients[n] for n in nodes if n in clients}
-        self._node = {c: n for n, c in by_node.items()}
+        by_node: dict[int, int] = {}
+        for n in nodes:  # one node per client: a client id is a protocol identity
+            if n in clients and clients[n] not in self._node:
+                by_node[n] = clients[n]
+                self._node[clients[n]] = n
+            elif n in clients:
+                log.warning("node %d is a second node of client %d: left out", n, clients[n])
         messages = [
             self._msg(c, ADVERTISE, {"devices": len(by_node)}, None) for c in sorted(self._node)
         ]
@@ -300,14 +323,8 @@ class SecAggRound:
                     "boxes": row_array([self._boxes[j][c] for j in alive], BOX_BYTES),
                 }
             )
-            content = RecordDict(dict(base.content.items()))
-            content[PARAMS] = ConfigRecord(
-                {
-                    **base.content.config_records.get(PARAMS, {}),
-                    "server-round": self.rid.round,
-                    **params,
-                }
-            )
+            content = RecordDict(dict(base.content.items()))  # the model, shared
+            content[PARAMS] = ConfigRecord({"server-round": self.rid.round, **params})
             content[TABLE] = table
             messages.append(
                 Message(
@@ -332,7 +349,7 @@ class SecAggRound:
             if isinstance(out, Rejection):
                 return self._reject(out, "masked")
             self.out.stages["masked"].bytes_up += out.wire_bytes
-            self.out.masked_bytes += out.wire_bytes
+            self.out.masked_bytes += out.payload_bytes
             self.out.shares_rejected += out.shares_rejected
             self._sum = (
                 out.words.copy()
@@ -340,9 +357,7 @@ class SecAggRound:
                 else np.add(self._sum, out.words, out=self._sum)
             )
             self._sum &= mask
-            self._masked[c] = MaskedInput(
-                out.claims, np.empty(0, np.uint32), out.shares_rejected, out.wire_bytes
-            )
+            self._masked[c] = out.claims  # the words are in the sum: only claims are kept
             return True
 
         self._stage("masked", grid, messages, on_reply, deadline)
@@ -424,7 +439,7 @@ class SecAggRound:
             ]
             total = apply_masks(total, None, pairs, m, sign=-1)
         self.out.devices = len(self._masked)
-        self.out.claims = [self._masked[c].claims for c in sorted(self._masked)]
+        self.out.claims = [self._masked[c] for c in sorted(self._masked)]
         return total
 
 
