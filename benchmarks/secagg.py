@@ -33,7 +33,7 @@ per-device CPU seconds per stage and the aggregator's seconds per stage. SecAgg'
 per-device cost grows with n; SecAgg+'s stays near flat.
 
 Prints markdown tables and writes benchmarks/results/secagg.json (a part run again
-replaces its own entry).
+replaces its own entry; `--systems` measured again replace their own rows).
 """
 
 from __future__ import annotations
@@ -279,6 +279,20 @@ def _accuracy_part(config: str, overrides: list[str], systems: list[str]) -> dic
     }
 
 
+def _merged(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """`new` with the rows of systems it did not run kept from `old` (same config and
+    overrides only), so one system can be measured again without rerunning the others."""
+    if not old or (old["config"], old["overrides"]) != (new["config"], new["overrides"]):
+        return new
+    ran = {r["system"] for r in new["rows"]}
+    rows = [r for r in old["rows"] if r["system"] not in ran] + new["rows"]
+    rows.sort(key=lambda r: SYSTEMS.index(r["system"]))
+    ref = next((r["final_accuracy"] for r in rows if r["system"] == "fedpipe-float32"), None)
+    for r in rows:
+        r["gap_pt"] = None if ref is None else 100 * (r["final_accuracy"] - ref)
+    return {**new, "rows": rows}
+
+
 def _param_count(config: str, overrides: list[str]) -> int:
     from fedpipe.data import load_dataset
     from fedpipe.models import build_model
@@ -355,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         except DatasetNotFoundError:
             config = str(ROOT / "simulations" / "default.toml")
         part = _accuracy_part(config, overrides, args.systems.split(","))
-        results["accuracy"] = part
+        results["accuracy"] = _merged(results.get("accuracy"), part)
+        part = results["accuracy"]
         _print_accuracy(part)
     if args.part in ("scaling", "all"):
         rows = []

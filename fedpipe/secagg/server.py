@@ -23,6 +23,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -226,13 +227,8 @@ class SecAggRound:
 
         def on_reply(reply: Message) -> bool:
             out = decode_advertise(reply, self.max_examples)
-            said = by_node.get(reply.metadata.src_node_id)
-            if isinstance(out, Advertised) and out.client_id != said:
-                out = Rejection(
-                    reply.metadata.src_node_id,
-                    f"advertises client {out.client_id}, identified as {said}",
-                    out.wire_bytes,
-                )
+            if isinstance(out, Advertised):
+                out = _as_identified(reply, out, out.client_id, by_node)
             if isinstance(out, Rejection):
                 return self._reject(out, "advertise")
             self.out.stages["advertise"].bytes_up += out.wire_bytes
@@ -340,12 +336,8 @@ class SecAggRound:
         def on_reply(reply: Message) -> bool:
             c = client_of.get(reply.metadata.src_node_id, -1)
             out = decode_masked(reply, count, m, limits, claims)
-            if isinstance(out, MaskedInput) and out.claims.client_id != c:
-                out = Rejection(
-                    reply.metadata.src_node_id,
-                    f"claims client {out.claims.client_id}, identified as {c}",
-                    out.wire_bytes,
-                )
+            if isinstance(out, MaskedInput):
+                out = _as_identified(reply, out, out.claims.client_id, client_of)
             if isinstance(out, Rejection):
                 return self._reject(out, "masked")
             self.out.stages["masked"].bytes_up += out.wire_bytes
@@ -441,6 +433,20 @@ class SecAggRound:
         self.out.devices = len(self._masked)
         self.out.claims = [self._masked[c] for c in sorted(self._masked)]
         return total
+
+
+R = TypeVar("R", Advertised, MaskedInput)
+
+
+def _as_identified(
+    reply: Message, out: R, claimed: int, clients: Mapping[int, int]
+) -> R | Rejection:
+    """`out`, unless it speaks for another client than its node identified as."""
+    node = reply.metadata.src_node_id
+    if clients.get(node) == claimed:
+        return out
+    said = clients.get(node)
+    return Rejection(node, f"speaks for client {claimed}, identified as {said}", out.wire_bytes)
 
 
 def _public_or_none(private: bytes) -> bytes | None:
