@@ -147,6 +147,7 @@ from flwr.simulation import run_simulation
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from benchmarks.plain_flower.sim_app import (
+    BACKEND_CONFIG,
     BATCH_SIZE,
     LR,
     OFFLINE_ENV,
@@ -600,10 +601,7 @@ def run_flower_secaggplus(
             server_app=server_app,
             client_app=client_app,
             num_supernodes=clients,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"include_dashboard": False, "num_cpus": os.cpu_count() or 1},
-            },
+            backend_config=BACKEND_CONFIG,
         )
         wall = time.perf_counter() - t0
         rows = _read_rows(log_dir)

@@ -47,13 +47,18 @@ from fedpipe.seed import round_generator
 from fedpipe.simulation import quiet_flower
 from fedpipe.training import evaluate, train
 
-__all__ = ["OFFLINE_ENV", "client_app", "mnist_root", "run_plain_flower"]
+__all__ = ["BACKEND_CONFIG", "OFFLINE_ENV", "client_app", "mnist_root", "run_plain_flower"]
 
 OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # silences a FutureWarning; no GPUs used
+}
+# Flower's simulation engine as both baselines run it: one CPU per client, every core.
+BACKEND_CONFIG: dict[str, Any] = {
+    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    "init_args": {"include_dashboard": False, "num_cpus": os.cpu_count() or 1},
 }
 BATCH_SIZE = 16
 LR = 0.05
@@ -213,10 +218,7 @@ def run_plain_flower(
             server_app=server_app,
             client_app=client_app,
             num_supernodes=num_clients,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"include_dashboard": False, "num_cpus": os.cpu_count() or 1},
-            },
+            backend_config=BACKEND_CONFIG,
         )
     finally:
         _stop_ray()
