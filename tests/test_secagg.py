@@ -417,6 +417,7 @@ def test_device_never_reveals_both_shares_of_one_neighbour() -> None:
     first = h.unmask(0, [1, 2, 3], [4, 5]).array_records[TABLE]
     assert sorted(first["seed-ids"].numpy()) == [1, 2, 3]
     assert sorted(first["key-ids"].numpy()) == [4, 5]
+    assert not {"sk-s", "sk-c", "seed", "seed-sh", "key-sh"} & set(h.state[0])  # forgotten
     with pytest.raises(SecAggRefusal, match="out of order or repeated"):
         h.unmask(0, [4, 5, 1], [2, 3])  # asking again, lists swapped: nothing more
     h2 = HostileAggregator(CFG)

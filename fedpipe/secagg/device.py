@@ -10,7 +10,8 @@ own privacy:
   self-mask seed (listed as a survivor) or of its mask key (listed as dropped), never
   both, however the aggregator asks), or a neighbour listed as both.
 Shares from neighbours that do not open (tampered, replayed, misrouted) are not kept
-and are counted in the masked-input reply.
+and are counted in the masked-input reply. Once the device has answered the unmask stage
+its round secrets (private keys, seed, neighbours' shares) are deleted from its state.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ STATE = "fedpipe-secagg"  # ConfigRecord in context.state: this round's secrets
 
 SHARE = shamir.SHARE_BYTES
 _ADVERTISED, _SHARED, _MASKED, _UNMASKED = 1, 2, 3, 4
+# What a device keeps between stages that would help unmask it or its neighbours; gone
+# once it has answered the unmask stage (the round and stage stay, to refuse repeats).
+_SECRETS = ("sk-s", "sk-c", "seed", "seed-sh", "key-sh", "nbr-pk-s", "nbr-pk-c")
 
 
 class SecAggRefusal(RuntimeError):
@@ -289,4 +293,6 @@ def unmask(state: ConfigRecord, cfg: SecAggConfig, rid: RoundId, content: Record
             "key-shares": row_array([key_sh[held.index(j)] for j in key_ids], SHARE),
         }
     )
+    for secret in _SECRETS:  # nothing of this round is needed again: forget it
+        state.pop(secret, None)
     return RecordDict({TABLE: record})
