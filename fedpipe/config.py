@@ -78,7 +78,7 @@ STRATEGIES = ("fedavg", "fedavgm", "fedmedian", "fedtrimmedavg", "krum", "multik
 # Strategies whose aggregate is not a weighted mean: they need every update at once.
 BUFFERED_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 AGGREGATIONS = ("auto", "streaming", "buffered")
-CODECS = ("float32", "float16", "int8", "int4", "int2", "sign", "topk")
+CODECS = ("float32", "float16", "int8", "int4", "int2", "sign", "topk", "hadamard1", "hadamard2")
 DOWNLINKS = ("float32", "float16")
 ATTACKS = ("none", "label_flip", "sign_flip", "scale", "model_replacement", "noise", "inflate")
 
@@ -227,9 +227,11 @@ class CodecConfig:
 
     SECTION: ClassVar[str] = "codec"
     # float32 = identity; float16 = cast; int8/int4/int2 = uniform stochastic per chunk;
-    # sign = 1 bit + per-chunk scale; topk = largest coordinates only, values quantized.
+    # sign = 1 bit + per-chunk scale; topk = largest coordinates only, values quantized;
+    # hadamard1/hadamard2 = randomized Hadamard rotation per chunk, then 1 or 2 bits.
     scheme: str = "float32"
-    # Coordinates sharing one scale in the quantized schemes.
+    # Coordinates sharing one scale in the quantized schemes (a power of two for the
+    # hadamard schemes: the rotation's block).
     chunk_size: int = 1024
     # Keep what the codec dropped on the device and add it to the next update.
     error_feedback: bool = False
@@ -250,6 +252,10 @@ class CodecConfig:
         _range(self.SECTION, "topk", self.topk, 0.0, 1.0, lo_open=True)
         _choice(self.SECTION, "topk_bits", self.topk_bits, (2, 4, 8))
         _choice(self.SECTION, "downlink", self.downlink, DOWNLINKS)
+        if self.scheme.startswith("hadamard") and self.chunk_size & (self.chunk_size - 1):
+            raise ConfigError(
+                f"codec.chunk_size={self.chunk_size} must be a power of two for {self.scheme}"
+            )
 
 
 NORM_ACTIONS = ("clip", "reject")

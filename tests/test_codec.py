@@ -22,7 +22,7 @@ from fedpipe.codec import (
     unpack_bits,
 )
 from fedpipe.codec._rice import decode_indices, encode_indices, rice_bits
-from fedpipe.config import CodecConfig
+from fedpipe.config import CodecConfig, ConfigError
 
 
 def test_float32_round_trip_is_exact() -> None:
@@ -150,6 +150,8 @@ def test_encoding_is_deterministic_under_a_seed() -> None:
         ("int2", 2.2),
         ("sign", 1.2),
         ("topk", 0.3),  # 1 % kept: 8-bit value + ~8-bit index each, + record overhead
+        ("hadamard1", 1.1),  # 1 bit + one float32 scale per 1,024 coordinates
+        ("hadamard2", 2.1),
     ],
 )
 def test_serialized_payload_shrinks_with_the_scheme(scheme: str, max_bits: float) -> None:
@@ -291,3 +293,62 @@ def test_error_feedback_makes_decoded_updates_telescope(codec: Codec) -> None:
     assert residual is not None
     np.testing.assert_allclose(got + flatten(residual), owed, atol=1e-4)
     assert np.abs(got - owed).mean() < 0.5 * np.abs(got_plain - owed).mean()
+
+
+# -- rotation codecs ------------------------------------------------------------------
+
+
+def test_walsh_hadamard_is_orthonormal_and_its_own_inverse() -> None:
+    from fedpipe.codec._rotated import fwht
+
+    x = np.random.default_rng(0).normal(size=(5, 64)).astype(np.float32)
+    h = fwht(np.eye(64, dtype=np.float32))  # the transform's matrix, row by row
+    assert np.allclose(h @ h.T, np.eye(64), atol=1e-5)
+    assert np.allclose(fwht(fwht(x)), x, atol=1e-5)
+    assert np.allclose(fwht(x), x @ h.T, atol=1e-5)
+
+
+@pytest.mark.parametrize(("bits", "nmse"), [(1, 0.6), (2, 0.13)])
+def test_rotation_codecs_are_unbiased_with_edens_error(bits: int, nmse: float) -> None:
+    """Over many draws the decoded update averages to the update (EDEN's scale), and the
+    normalized squared error is about EDEN's: 0.57 for 1 bit, 0.12 for 2 bits."""
+    rng = np.random.default_rng(3)
+    update = {
+        "conv": rng.normal(0, 0.01, (40, 7)).astype(np.float32),
+        "bias": rng.normal(0.02, 0.1, 55).astype(np.float32),  # not a multiple of the chunk
+    }
+    codec = build_codec(CodecConfig(scheme=f"hadamard{bits}", chunk_size=128))
+    x = flatten(update)
+    draws = np.array([flatten(codec.decode(codec.encode(update, rng), update)) for _ in range(600)])
+    errors = np.sum((draws - x) ** 2, axis=1) / np.sum(x**2)
+    assert errors.mean() < nmse
+    # the mean of 600 unbiased draws is off by about sqrt(nmse / 600) of |x|
+    assert np.linalg.norm(draws.mean(axis=0) - x) / np.linalg.norm(x) < 3 * np.sqrt(nmse / 600)
+
+
+def test_rotation_codec_error_feedback_telescopes() -> None:
+    rng = np.random.default_rng(4)
+    codec = build_codec(CodecConfig(scheme="hadamard1", chunk_size=64))
+    updates = [{"w": rng.normal(0, 0.01, 300).astype(np.float32)} for _ in range(30)]
+    residual = None
+    sent = np.zeros(300, np.float64)
+    for u in updates:
+        enc, residual = encode_with_feedback(codec, u, residual, rng)
+        sent += codec.decode(enc, u)["w"]
+    total = np.sum([u["w"] for u in updates], axis=0)
+    assert residual is not None
+    assert np.allclose(sent + residual["w"], total, atol=1e-5)
+    assert np.linalg.norm(residual["w"]) < 0.5 * np.linalg.norm(total)
+
+
+def test_rotation_codec_refuses_a_bad_seed_or_size() -> None:
+    codec = build_codec(CodecConfig(scheme="hadamard2", chunk_size=64))
+    like = {"w": np.zeros(100, np.float32)}
+    enc = codec.encode({"w": np.ones(100, np.float32)}, np.random.default_rng(0))
+    for bad in (-1, 2**63, "7", True):
+        with pytest.raises(PayloadError, match="seed"):
+            codec.decode(_tamper(enc, seed=bad), like)
+    with pytest.raises(PayloadError, match="codes"):
+        codec.decode(_tamper(enc, codes=enc.arrays["codes"][:-1]), like)
+    with pytest.raises(ConfigError, match="power of two"):
+        CodecConfig(scheme="hadamard1", chunk_size=1000)

@@ -19,6 +19,7 @@ from fedpipe.codec._feedback import encode_with_feedback
 from fedpipe.codec._npy import parse_npy, to_npy
 from fedpipe.codec._packing import pack_bits, packed_size, unpack_bits
 from fedpipe.codec._quantized import SignCodec, UniformCodec
+from fedpipe.codec._rotated import RotatedCodec
 from fedpipe.codec._sparse import TopKCodec, topk_count
 from fedpipe.config import CodecConfig
 
@@ -28,6 +29,7 @@ __all__ = [
     "Encoded",
     "MetaValue",
     "PayloadError",
+    "RotatedCodec",
     "SignCodec",
     "TopKCodec",
     "UniformCodec",
@@ -54,6 +56,8 @@ def build_codec(cfg: CodecConfig) -> Codec:
         return CastCodec(np.float16)
     if cfg.scheme == "sign":
         return SignCodec(cfg.chunk_size)
+    if cfg.scheme.startswith("hadamard"):
+        return RotatedCodec(int(cfg.scheme.removeprefix("hadamard")), cfg.chunk_size)
     if cfg.scheme == "topk":
         return TopKCodec(cfg.topk, cfg.topk_bits, cfg.chunk_size)
     return UniformCodec(int(cfg.scheme.removeprefix("int")), cfg.chunk_size)
