@@ -15,13 +15,14 @@ The signs D are never sent: they are regenerated from a 63-bit seed the device d
 from its own per-round, per-client generator and sends in the header. Wire cost per
 coordinate: bits + 32 / B (1.03 bits for hadamard1 at B = 1024; the last chunk's padding
 is sent too, since the rotation spreads every coordinate over its chunk). Error feedback works as
-with any codec. The transform is vectorized over all chunks at once: log2(B) butterfly
-passes of whole-array NumPy operations.
+with any codec. The transform is vectorized over all chunks at once (two batched matrix
+products, `fwht`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 
 import numpy as np
 
@@ -47,20 +48,32 @@ _LEVELS_2 = np.array([-1.5104, -0.4528, 0.4528, 1.5104], np.float32)
 _EDGES_2 = np.array([-0.9816, 0.0, 0.9816], np.float32)
 
 
+@lru_cache(maxsize=16)
+def _hadamard(n: int) -> np.ndarray:
+    """The n x n Walsh-Hadamard matrix (entries +-1), n a power of two (Sylvester)."""
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
 def fwht(x: np.ndarray) -> np.ndarray:
-    """The orthonormal Walsh-Hadamard transform of each row of x (k, B), B a power of 2,
-    in place on a float32 copy; applying it twice gives x back."""
-    out = np.array(x, dtype=np.float32, copy=True)
-    k, b = out.shape
-    h = 1
-    while h < b:
-        v = out.reshape(k, b // (2 * h), 2, h)  # pairs of blocks h apart
-        a = v[:, :, 0, :].copy()
-        v[:, :, 0, :] += v[:, :, 1, :]
-        np.subtract(a, v[:, :, 1, :], out=v[:, :, 1, :])
-        h *= 2
+    """The orthonormal Walsh-Hadamard transform of each row of x (k, B), B = 2^p; applying
+    it twice gives x back.
+
+    H_B = H_m (x) H_n with m n = B (Kronecker), so for each row reshaped to an m x n
+    matrix X, H_B x is H_m X H_n: two small batched matrix products (BLAS), about 12x
+    faster here than log2(B) butterfly passes in NumPy (2.6 ms against 32 ms for 1.66M
+    coordinates at B = 1024).
+    """
+    k, b = x.shape
+    p = b.bit_length() - 1
+    m, n = 1 << (p // 2), 1 << (p - p // 2)
+    rows = np.asarray(x, np.float32).reshape(k, m, n)
+    out = np.matmul(np.matmul(_hadamard(m), rows), _hadamard(n))  # (k, m, n)
     out *= np.float32(1.0 / np.sqrt(b))
-    return out
+    result: np.ndarray = out.reshape(k, b)
+    return result
 
 
 def _signs(seed: int, k: int, b: int) -> np.ndarray:
@@ -88,17 +101,17 @@ class RotatedCodec:
         seed = int(rng.integers(0, MAX_SEED))
         x = self._rows(flat)  # (k, B)
         y = fwht(x * _signs(seed, *x.shape))
+        norm2 = np.einsum("ij,ij->i", x, x, dtype=np.float64)  # (k,) |x_c|^2
         if self.bits == 1:
             codes = (y >= 0).astype(np.uint8)
-            q = 2.0 * codes - 1.0
+            dot = np.abs(y).sum(axis=1, dtype=np.float64)  # <y, sign(y)>
+            unit = np.ones_like(dot)
         else:
-            sigma = np.sqrt(np.mean(y.astype(np.float64) ** 2, axis=1, keepdims=True))
-            codes = np.digitize(y / np.maximum(sigma, 1e-30), _EDGES_2).astype(np.uint8)
-            q = _LEVELS_2[codes] * sigma
-        dot = np.sum(y.astype(np.float64) * q, axis=1)  # (k,); > 0 unless the chunk is 0
-        norm2 = np.sum(x.astype(np.float64) ** 2, axis=1)
-        base = 1.0 if self.bits == 1 else sigma[:, 0]
-        scale = np.where(dot > 0, norm2 / np.where(dot > 0, dot, 1.0), 0.0) * base
+            unit = np.sqrt(np.einsum("ij,ij->i", y, y, dtype=np.float64) / self.chunk)  # sigma
+            codes = np.digitize(y / np.maximum(unit, 1e-30)[:, None], _EDGES_2).astype(np.uint8)
+            dot = np.einsum("ij,ij->i", y, _LEVELS_2[codes], dtype=np.float64) * unit
+        # EDEN's scale |x|^2 / <y, q>, in units of the levels sent (0 for an all-zero chunk)
+        scale = np.where(dot > 0, norm2 / np.where(dot > 0, dot, 1.0), 0.0) * unit
         arrays = {
             "codes": pack_bits(codes.ravel(), self.bits),  # all k x B: rotation mixes them
             "scale": scale.astype(np.float32),
