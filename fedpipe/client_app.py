@@ -59,9 +59,9 @@ from fedpipe.records import (
     record_int,
     train_content,
 )
-from fedpipe.secagg.client import masked_input
+from fedpipe.secagg.client import accept_request, masked_input
 from fedpipe.secagg.device import STATE as SECAGG_STATE
-from fedpipe.secagg.device import advertise, share_keys, unmask
+from fedpipe.secagg.device import SecAggRefusal, advertise, share_keys, unmask
 from fedpipe.secagg.keys import RoundId
 from fedpipe.secagg.wire import ADVERTISE, MASKED_INPUT, PARAMS, SHARE
 from fedpipe.seed import client_seed, round_generator
@@ -311,19 +311,16 @@ def client_secagg_train(
     The update is neither encoded by the codec nor sealed: the masks hide it from the
     relay and the aggregator alike. Error feedback works as with any codec."""
     rid = _round_id(msg, context)
+    if rid.round != record_int(msg.content.config_records[CONFIG], SERVER_ROUND):
+        raise SecAggRefusal("the request's secagg round differs from its training round")
+    grid, bad = accept_request(
+        _secagg_state(context), cfg.secagg, rid, client_id_of(context), msg.content
+    )
     t = _local_update(msg, context, cfg, hooks)
     t1 = time.perf_counter()
     prior = load_residual(context, t.server_round, cfg.codec)
-    record, residual, bad = masked_input(
-        _secagg_state(context),
-        cfg.secagg,
-        rid,
-        t.client_id,
-        msg.content,
-        t.update,
-        prior,
-        t.num_examples,
-        t.rng,
+    record, residual = masked_input(
+        _secagg_state(context), rid, t.client_id, grid, t.update, prior, t.num_examples, t.rng
     )
     claims: dict[str, ConfigRecordValues] = {
         **_claims(t, time.perf_counter() - t1),

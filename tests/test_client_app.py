@@ -122,3 +122,39 @@ def test_client_trains_from_a_float16_broadcast_and_sends_a_float32_update() -> 
         a = arr.numpy()
         assert a.dtype == np.float32 and np.all(np.isfinite(a))
     assert np.abs(update["1.weight"].numpy()).sum() > 0
+
+
+def test_secagg_request_is_refused_before_any_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A masked-input request with a grid the device's config would not give, or for
+    another round than the training round, is refused without training."""
+    import fedpipe.client_app as app
+    from fedpipe.secagg.device import SecAggRefusal
+    from fedpipe.secagg.wire import MASKED, PARAMS
+
+    def no_training(*args: object) -> None:
+        raise AssertionError("trained before checking the request")
+
+    monkeypatch.setattr(app, "_local_update", no_training)
+    cfg = load_config(None, [*CFG_OVERRIDES, 'security.secagg="on"'])
+    for params in (
+        {
+            "server-round": 1,
+            "devices": 4,
+            "clip": 0.1,
+            "bits": 4,
+            "modulus-bits": 6,
+            "max-weight": 10,
+        },  # 4 bits where the device's config says 8
+        {
+            "server-round": 2,
+            "devices": 4,
+            "clip": 0.1,
+            "bits": 8,
+            "modulus-bits": 10,
+            "max-weight": 10,
+        },  # a round other than the training round
+    ):
+        msg = _instruction(MASKED, 1)
+        msg.content[PARAMS] = ConfigRecord(params)
+        with pytest.raises(SecAggRefusal):
+            app.client_secagg_train(msg, _context(1), cfg)
