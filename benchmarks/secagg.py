@@ -27,7 +27,8 @@ are timed in the scaling part's protocol run at the same size (10 devices). Flow
 per-stage client CPU is measured by its app's meter.
 
 scaling: the protocol alone (the real device and aggregator code, devices answered in
-this process, fixed random 8-bit codes of the CNN's size) at 10, 50 and 200 devices,
+this process by the tests' protocol driver, tests/secagg_devices.py, with fixed random
+8-bit codes of the CNN's size) at 10, 50 and 200 devices,
 SecAgg (every device a neighbour of every other) against SecAgg+ (16 neighbours):
 per-device CPU seconds per stage and the aggregator's seconds per stage. SecAgg's
 per-device cost grows with n; SecAgg+'s stays near flat.
