@@ -39,6 +39,8 @@ class RoundRecord:
     # bit-packed words with their .npy header) / (inputs * params); bits_per_param_up then
     # counts every stage's replies, framing and claims included.
     bits_per_param_masked: float | None = None
+    # 8 * every byte sent to devices this round / (sampled clients * model parameters)
+    bits_per_param_down: float | None = None
     secagg_abandoned: bool = False  # fewer than the threshold survived: model unchanged
     secagg_dropped: int = 0  # sampled devices whose input is not in the sum
     # valid replies per stage: advertise, share, masked input, unmask

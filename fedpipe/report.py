@@ -109,6 +109,26 @@ def _bytes(runs: list[dict[str, Any]]) -> Figure:
     return fig
 
 
+def _tradeoff(runs: list[dict[str, Any]]) -> Figure:
+    """Accuracy against the traffic spent to reach it: the fair way to compare codecs,
+    since one that saves bytes a round may need more rounds."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for run in runs:
+        _, acc = _series(run, "accuracy")
+        _, up = _series(run, "bytes_up", 1e-6)
+        _, down = _series(run, "bytes_down", 1e-6)
+        traffic = (up, down, [u + d for u, d in zip(up, down, strict=True)])
+        for ax, per_round in zip(axes, traffic, strict=True):
+            ax.plot(np.cumsum(per_round), acc, marker="o", label=run["label"])
+    for ax, what in zip(axes, ("up", "down", "up + down"), strict=True):
+        ax.set(title=f"Accuracy against bytes {what}", xlabel=f"cumulative MB {what}")
+        ax.set(ylabel="accuracy (held-out test set)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def _clients(runs: list[dict[str, Any]]) -> Figure:
     fig, ax = plt.subplots(figsize=(11, 3.5))
     for run in runs:
@@ -244,7 +264,12 @@ def write_report(run_dirs: list[Path], out: Path | None = None, force: bool = Fa
     if (out / "report.html").exists() and not force:
         raise ReportError(f"{out / 'report.html'} exists; pass --force to overwrite it")
     out.mkdir(parents=True, exist_ok=True)
-    figures = {"accuracy": _accuracy(runs), "bytes": _bytes(runs), "clients": _clients(runs)}
+    figures = {
+        "accuracy": _accuracy(runs),
+        "bytes": _bytes(runs),
+        "tradeoff": _tradeoff(runs),
+        "clients": _clients(runs),
+    }
     shown: list[Any] = []
     for i, run in enumerate(runs):
         if run["partition"] in shown:  # runs of one config share a partition: plot it once
@@ -255,7 +280,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None, force: bool = Fa
             figures[f"partition-{i}"] = fig
     sections = []
     for name, fig in figures.items():
-        if not name.startswith("partition"):
+        if not name.startswith("partition") and name != "tradeoff":  # x: rounds
             _rounds_axis(fig)
         path = out / f"{name}.png"
         fig.savefig(path, dpi=110)

@@ -534,6 +534,7 @@ class CodecStrategy(Strategy):
         params = sum(int(v.size) for v in self._global.values())
         bits = 8 * r.payload_bytes / (r.payloads * params) if r.payloads and params else None
         masked = 8 * r.masked_bytes / (r.payloads * params) if r.secure and bits else None
+        down = 8 * r.bytes_down / (r.sampled * params) if r.sampled and params else None
         rec = RoundRecord(
             round=server_round,
             accuracy=float(central.get("accuracy", math.nan)),  # type: ignore[arg-type]
@@ -555,6 +556,7 @@ class CodecStrategy(Strategy):
             slowest_train_seconds=r.slowest_train_seconds,
             crypto_seconds=r.crypto_seconds,
             bits_per_param_masked=masked,
+            bits_per_param_down=down,
             secagg_abandoned=r.abandoned,
             secagg_dropped=r.sampled - r.replied if r.secure else 0,
             secagg_replies=r.secagg_replies,

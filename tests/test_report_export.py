@@ -55,7 +55,7 @@ def test_a_finished_run_has_its_report(runs: list[Path]) -> None:
 def test_report_overlays_runs_with_decodable_plots(runs: list[Path], tmp_path: Path) -> None:
     page = write_report(runs, out=tmp_path / "cmp")
     pngs = sorted((tmp_path / "cmp").glob("*.png"))
-    assert {p.stem for p in pngs} >= {"accuracy", "bytes", "clients"}
+    assert {p.stem for p in pngs} >= {"accuracy", "bytes", "tradeoff", "clients"}
     for png in pngs:
         image = mpimg.imread(png)
         assert image.shape[0] > 200 and image.shape[1] > 500

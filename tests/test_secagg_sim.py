@@ -38,6 +38,9 @@ def test_secure_rounds_learn_like_plain_ones_at_m_bits_a_parameter(tmp_path: Pat
         assert m <= r["bits_per_param_masked"] < m + 1  # type: ignore[operator]
         assert r["bits_per_param_up"] > r["bits_per_param_masked"]  # type: ignore[operator]
     assert plain[-1]["bits_per_param_masked"] is None
+    # the float32 broadcast, counted per sampled client; the key stages add to it
+    assert 32 < plain[-1]["bits_per_param_down"] < 40  # type: ignore[operator]
+    assert secure[-1]["bits_per_param_down"] > plain[-1]["bits_per_param_down"]  # type: ignore[operator]
     # digits MLP, 6 IID clients, 3 rounds: the quantized secure sum keeps up with float32
     assert secure[-1]["accuracy"] >= plain[-1]["accuracy"] - 0.03  # type: ignore[operator]
     assert secure[-1]["accuracy"] > secure[0]["accuracy"]  # type: ignore[operator]
