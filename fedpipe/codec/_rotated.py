@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 
 import numpy as np
+from scipy.linalg import hadamard
 
 from fedpipe.codec._base import (
     Encoded,
@@ -50,10 +51,8 @@ _EDGES_2 = np.array([-0.9816, 0.0, 0.9816], np.float32)
 
 @lru_cache(maxsize=16)
 def _hadamard(n: int) -> np.ndarray:
-    """The n x n Walsh-Hadamard matrix (entries +-1), n a power of two (Sylvester)."""
-    h = np.ones((1, 1), np.float32)
-    while h.shape[0] < n:
-        h = np.block([[h, h], [h, -h]])
+    """The n x n Walsh-Hadamard matrix (entries +-1), n a power of two."""
+    h: np.ndarray = hadamard(n, dtype=np.float32)
     return h
 
 
@@ -62,9 +61,8 @@ def fwht(x: np.ndarray) -> np.ndarray:
     it twice gives x back.
 
     H_B = H_m (x) H_n with m n = B (Kronecker), so for each row reshaped to an m x n
-    matrix X, H_B x is H_m X H_n: two small batched matrix products (BLAS), about 12x
-    faster here than log2(B) butterfly passes in NumPy (2.6 ms against 32 ms for 1.66M
-    coordinates at B = 1024).
+    matrix X, H_B x is H_m X H_n: two small batched matrix products (BLAS) instead of
+    log2(B) butterfly passes over the whole array.
     """
     k, b = x.shape
     p = b.bit_length() - 1
