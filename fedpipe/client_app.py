@@ -39,6 +39,8 @@ from fedpipe.config import (
 )
 from fedpipe.crypto.seal import Binding, seal
 from fedpipe.data import Split, TensorDataset, client_shard, load_dataset
+from fedpipe.downlink import HEADER as DOWNLINK_HEADER
+from fedpipe.downlink import ModelStore, SharedStore, StateStore, receive
 from fedpipe.models import build_model
 from fedpipe.records import (
     ARRAYS,
@@ -159,8 +161,8 @@ def _module(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) ->
 
 
 class _Broadcast:
-    """The last broadcast's state dict: a cohort worker's clients share one broadcast
-    object, which is decoded into tensors once instead of once per client."""
+    """The last plain broadcast's state dict: a cohort worker's clients share one
+    broadcast object, which is decoded into tensors once instead of once per client."""
 
     record: ArrayRecord | None = None  # held, so its id cannot be reused while cached
     state: dict[str, torch.Tensor] = {}
@@ -172,14 +174,29 @@ class _Broadcast:
         return cls.state
 
 
+OWN_COPY = StateStore()  # a deployed device: the public model in its context.state
+
+
+def _global_state(
+    cfg: RunConfig, context: Context, msg: Message, store: ModelStore
+) -> dict[str, torch.Tensor]:
+    """The model the server broadcast: whole, or rebuilt from a compressed broadcast
+    (fedpipe.downlink; raises DownlinkRefusal if it cannot be rebuilt exactly)."""
+    if DOWNLINK_HEADER not in msg.content.config_records:
+        return _Broadcast.state_dict(msg.content.array_records[ARRAYS])
+    codec = build_codec(cfg.downlink.codec())
+    public = receive(msg.content, context.state, store, codec)
+    return {k: torch.from_numpy(v) for k, v in public.items()}
+
+
 def _model(
-    cfg: RunConfig, context: Context, msg: Message
+    cfg: RunConfig, context: Context, msg: Message, store: ModelStore
 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor], int]:
     """The global model as broadcast, its state dict, and the number of classes."""
     # Shapes come from the device's shard when it has one: it may not hold the dataset.
     ds = _device_data(context) or load_dataset(cfg.data)
     model = _module(cfg.model, tuple(ds.input_shape), ds.num_classes)
-    global_sd = _Broadcast.state_dict(msg.content.array_records[ARRAYS])
+    global_sd = _global_state(cfg, context, msg, store)
     model.load_state_dict(global_sd)
     return model, global_sd, ds.num_classes
 
@@ -227,11 +244,11 @@ class _Trained:
 
 
 def _local_update(
-    msg: Message, context: Context, cfg: RunConfig, hooks: ClientHooks | None
+    msg: Message, context: Context, cfg: RunConfig, hooks: ClientHooks | None, store: ModelStore
 ) -> _Trained:
     cid = client_id_of(context)
     server_round = record_int(msg.content.config_records[CONFIG], SERVER_ROUND)
-    model, global_sd, num_classes = _model(cfg, context, msg)
+    model, global_sd, num_classes = _model(cfg, context, msg, store)
     data = _local_data(cfg, context, cid)
     if hooks is not None:
         data = hooks.on_data(cid, data, num_classes)
@@ -274,8 +291,9 @@ def client_train(
     cfg: RunConfig,
     seal_key: bytes | None = None,
     hooks: ClientHooks | None = None,
+    store: ModelStore = OWN_COPY,
 ) -> Message:
-    t = _local_update(msg, context, cfg, hooks)
+    t = _local_update(msg, context, cfg, hooks, store)
     t1 = time.perf_counter()
     codec = build_codec(cfg.codec)
     residual = None
@@ -304,7 +322,11 @@ def _round_id(msg: Message, context: Context) -> RoundId:
 
 
 def client_secagg_train(
-    msg: Message, context: Context, cfg: RunConfig, hooks: ClientHooks | None = None
+    msg: Message,
+    context: Context,
+    cfg: RunConfig,
+    hooks: ClientHooks | None = None,
+    store: ModelStore = OWN_COPY,
 ) -> Message:
     """SecAgg's masked-input stage: train, then send the masked, quantized update.
 
@@ -316,7 +338,7 @@ def client_secagg_train(
     grid, bad = accept_request(
         _secagg_state(context), cfg.secagg, rid, client_id_of(context), msg.content
     )
-    t = _local_update(msg, context, cfg, hooks)
+    t = _local_update(msg, context, cfg, hooks, store)
     t1 = time.perf_counter()
     prior = load_residual(context, t.server_round, cfg.codec)
     record, residual = masked_input(
@@ -345,10 +367,12 @@ def client_secagg_query(msg: Message, context: Context, cfg: RunConfig) -> Messa
     return Message(content, reply_to=msg)
 
 
-def client_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
+def client_evaluate(
+    msg: Message, context: Context, cfg: RunConfig, store: ModelStore = OWN_COPY
+) -> Message:
     """Federated evaluation of the global model on the client's own shard."""
     cid = client_id_of(context)
-    model, _, _ = _model(cfg, context, msg)
+    model, _, _ = _model(cfg, context, msg, store)
     data = _local_data(cfg, context, cid)
     loss, acc = evaluate(model, data, device=select_device(cfg.train.device))
     metrics = MetricRecord({NUM_EXAMPLES: len(data), EVAL_LOSS: loss, EVAL_ACCURACY: acc})
@@ -360,14 +384,18 @@ def make_client_app(
     seal_key: bytes | None = None,
     hooks: ClientHooks | None = None,
     mods: list[Mod] | None = None,
+    shared_models: bool = False,
 ) -> ClientApp:
     """A ClientApp bound to `cfg`, or reading it from the run config when `cfg` is None.
 
     `seal_key` (simulation) is the aggregator's raw X25519 public key (bytes: Ray must
     pickle the app); a deployed device gets it from its node config instead. `hooks`
-    and Flower `mods` are how a simulation injects attacks and faults.
+    and Flower `mods` are how a simulation injects attacks and faults. With a
+    compressed broadcast, `shared_models` (simulation) keeps the public model once per
+    worker process instead of once per client (fedpipe.downlink.SharedStore).
     """
     app = ClientApp(mods=mods or [])
+    store: ModelStore = SharedStore() if shared_models else OWN_COPY
 
     def resolve(context: Context) -> RunConfig:
         run = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
@@ -375,15 +403,15 @@ def make_client_app(
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        return client_train(msg, context, resolve(context), seal_key, hooks)
+        return client_train(msg, context, resolve(context), seal_key, hooks, store)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        return client_evaluate(msg, context, resolve(context))
+        return client_evaluate(msg, context, resolve(context), store)
 
     @app.train("secagg")
     def _secagg_train(msg: Message, context: Context) -> Message:
-        return client_secagg_train(msg, context, resolve(context), hooks)
+        return client_secagg_train(msg, context, resolve(context), hooks, store)
 
     @app.query("secagg_advertise")
     def _secagg_advertise(msg: Message, context: Context) -> Message:

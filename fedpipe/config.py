@@ -24,6 +24,7 @@ __all__ = [
     "CodecConfig",
     "ConfigError",
     "DataConfig",
+    "DownlinkConfig",
     "FederationConfig",
     "ModelConfig",
     "PartitionConfig",
@@ -79,7 +80,6 @@ STRATEGIES = ("fedavg", "fedavgm", "fedmedian", "fedtrimmedavg", "krum", "multik
 BUFFERED_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 AGGREGATIONS = ("auto", "streaming", "buffered")
 CODECS = ("float32", "float16", "int8", "int4", "int2", "sign", "topk", "hadamard1", "hadamard2")
-DOWNLINKS = ("float32", "float16")
 ATTACKS = ("none", "label_flip", "sign_flip", "scale", "model_replacement", "noise", "inflate")
 
 
@@ -241,21 +241,51 @@ class CodecConfig:
     # topk: fraction of coordinates kept, and bits per kept value (2, 4 or 8).
     topk: float = 0.01
     topk_bits: int = 8
-    # Broadcast of the global model: float16 halves the downlink (off by default: the
-    # clients then start from a rounded model; the server's global stays float32).
-    downlink: str = "float32"
 
     def __post_init__(self) -> None:
-        _choice(self.SECTION, "scheme", self.scheme, CODECS)
-        _range(self.SECTION, "chunk_size", self.chunk_size, 8, 1 << 24)
+        _check_scheme(self.SECTION, self.scheme, self.chunk_size, self.topk, self.topk_bits)
         _range(self.SECTION, "max_staleness", self.max_staleness, 0, 1_000_000)
-        _range(self.SECTION, "topk", self.topk, 0.0, 1.0, lo_open=True)
-        _choice(self.SECTION, "topk_bits", self.topk_bits, (2, 4, 8))
-        _choice(self.SECTION, "downlink", self.downlink, DOWNLINKS)
-        if self.scheme.startswith("hadamard") and self.chunk_size & (self.chunk_size - 1):
-            raise ConfigError(
-                f"codec.chunk_size={self.chunk_size} must be a power of two for {self.scheme}"
-            )
+
+
+def _check_scheme(section: str, scheme: str, chunk_size: int, topk: float, bits: int) -> None:
+    """A codec's settings, wherever they configure one (the uplink or the broadcast)."""
+    _choice(section, "scheme", scheme, CODECS)
+    _range(section, "chunk_size", chunk_size, 8, 1 << 24)
+    _range(section, "topk", topk, 0.0, 1.0, lo_open=True)
+    _choice(section, "topk_bits", bits, (2, 4, 8))
+    if scheme.startswith("hadamard") and chunk_size & (chunk_size - 1):
+        raise ConfigError(f"{section}.chunk_size={chunk_size} must be a power of two for {scheme}")
+
+
+@dataclass(frozen=True)
+class DownlinkConfig:
+    """How the global model reaches the devices (fedpipe.downlink).
+
+    float32 sends the whole model in every message and devices keep nothing. Any other
+    codec scheme compresses the broadcast: the server keeps the public model (exactly
+    what devices rebuild) and sends its coded change; a device keeps the model it holds
+    and applies the changes it missed, or gets the whole model when that is smaller.
+    """
+
+    SECTION: ClassVar[str] = "downlink"
+    scheme: str = "float32"
+    chunk_size: int = 1024
+    topk: float = 0.01
+    topk_bits: int = 8
+    # Carry what a broadcast rounded away into the next one (the server's error
+    # feedback), so the devices' model never drifts from the server's.
+    error_feedback: bool = True
+
+    def __post_init__(self) -> None:
+        _check_scheme(self.SECTION, self.scheme, self.chunk_size, self.topk, self.topk_bits)
+
+    @property
+    def compressed(self) -> bool:
+        return self.scheme != "float32"
+
+    def codec(self) -> CodecConfig:
+        """The broadcast's codec, built like an uplink codec (fedpipe.codec.build_codec)."""
+        return CodecConfig(self.scheme, self.chunk_size, topk=self.topk, topk_bits=self.topk_bits)
 
 
 NORM_ACTIONS = ("clip", "reject")
@@ -431,6 +461,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
+    downlink: DownlinkConfig = field(default_factory=DownlinkConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     bounds: BoundsConfig = field(default_factory=BoundsConfig)

@@ -45,6 +45,15 @@ class RoundRecord:
     secagg_dropped: int = 0  # sampled devices whose input is not in the sum
     # valid replies per stage: advertise, share, masked input, unmask
     secagg_replies: list[int] | None = None
+    # Compressed broadcast (downlink.scheme != float32): what each message carried, over
+    # the round's stages: the whole model, one change, several (a device that missed
+    # rounds; downlink_behind sums the versions they were behind), or nothing new.
+    downlink_full: int = 0
+    downlink_diff: int = 0
+    downlink_catchup: int = 0
+    downlink_current: int = 0
+    downlink_behind: int = 0
+    broadcast_seconds: float = 0.0  # server: coding the broadcast's change
 
 
 def _mb(n: int) -> str:

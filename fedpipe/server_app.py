@@ -105,7 +105,7 @@ def run_server(
         inner,
         build_codec(cfg.codec),
         on_round_end=metrics.write,
-        downlink=cfg.codec.downlink,
+        downlink=cfg.downlink,
         checkpoint=lambda rnd, arrays: save_checkpoint(
             run_dir / CHECKPOINT_FILE, rnd, arrays, inner
         ),

@@ -175,6 +175,7 @@ def _simulate(cfg: RunConfig, run_dir: Path) -> SimulationResult:
         seal_key=public_bytes(key.public_key()) if key else None,
         hooks=build_attack(cfg),
         mods=[fault] if fault else None,
+        shared_models=True,  # thousands of virtual clients: one public model per worker
     )
     run_id = secrets.randbits(62)
     threads = max(1, int(cfg.simulation.cpus_per_client))

@@ -51,7 +51,14 @@ from fedpipe.boundary import (
     limit_array_inflation,
 )
 from fedpipe.codec import Codec, Update, unflatten
-from fedpipe.config import BUFFERED_STRATEGIES, BoundsConfig, FederationConfig, SecAggConfig
+from fedpipe.config import (
+    BUFFERED_STRATEGIES,
+    BoundsConfig,
+    DownlinkConfig,
+    FederationConfig,
+    SecAggConfig,
+)
+from fedpipe.downlink import Broadcaster, Decisions
 from fedpipe.influence import InfluenceGuard, ReferenceGate, update_norm
 from fedpipe.metrics import RoundRecord
 from fedpipe.records import ARRAYS, METRICS, NUM_EXAMPLES, SEAL_REQUIRED, TRAIN_LOSS, wire_bytes
@@ -66,7 +73,6 @@ __all__ = [
     "apply_update",
     "build_strategy",
     "cast_like",
-    "compress_broadcast",
     "streams",
 ]
 
@@ -129,26 +135,6 @@ def apply_update(global_arrays: Update, update: Update) -> ArrayRecord:
     return cast_like({k: g + update[k] for k, g in global_arrays.items()}, global_arrays)
 
 
-def compress_broadcast(arrays: ArrayRecord, dtype: str) -> ArrayRecord:
-    """The global model as broadcast: float32 arrays cast to `dtype` where they fit.
-
-    An array with a value beyond the target's range stays float32 rather than become Inf.
-    Integer buffers are untouched. The server keeps its float32 copy; clients send
-    updates relative to what they received, so the rounding never reaches the aggregate.
-    """
-    if dtype == "float32":
-        return arrays
-    target = np.dtype(dtype)
-    limit = float(np.finfo(target).max)
-    out: dict[str, Array] = {}
-    for name, arr in arrays.items():
-        a = arr.numpy()
-        if a.dtype == np.float32 and (a.size == 0 or float(np.abs(a).max()) <= limit):
-            a = a.astype(target)
-        out[name] = Array(np.asarray(a, order="C"))
-    return ArrayRecord(out)
-
-
 def _mean_reply(
     mean: Mapping[str, np.ndarray], like: Update, weight: float, loss: float
 ) -> Message:
@@ -182,6 +168,8 @@ class _Round:
     masked_bytes: int = 0  # SecAgg: the masked inputs' bytes (payload_bytes: all stages)
     abandoned: bool = False
     secagg_replies: list[int] | None = None  # valid replies per SecAgg stage
+    downlink: Decisions = field(default_factory=Decisions)  # what each message carried
+    broadcast_seconds: float = 0.0
 
 
 Pending = tuple[DecodedReply, float]  # a decoded reply and its update's L2 norm
@@ -213,7 +201,7 @@ class CodecStrategy(Strategy):
         inner: Strategy,
         codec: Codec,
         on_round_end: Callable[[RoundRecord], None] | None = None,
-        downlink: str = "float32",
+        downlink: DownlinkConfig | None = None,
         checkpoint: Callable[[int, ArrayRecord], None] | None = None,
         round_offset: int = 0,
         opener: Opener | None = None,
@@ -225,7 +213,6 @@ class CodecStrategy(Strategy):
     ) -> None:
         self.inner = inner
         self.codec = codec
-        self.downlink = downlink
         self.checkpoint = checkpoint
         # Rounds already done before this start() (a resumed run).
         self.round_offset = round_offset
@@ -237,6 +224,12 @@ class CodecStrategy(Strategy):
         self.guard = InfluenceGuard(self.bounds)
         self.streaming = streaming
         self.plan = plan or RoundPlan()
+        # Compressed broadcast: the public model devices hold, and who holds which version.
+        self.broadcaster = (
+            Broadcaster(downlink, self.plan.seed)
+            if downlink is not None and downlink.compressed
+            else None
+        )
         self._global: Update = {}
         self._boundary = DecodeBoundary(codec, {}, opener, max_examples=self.bounds.max_examples)
         self._round = _Round(started=time.perf_counter())
@@ -250,17 +243,35 @@ class CodecStrategy(Strategy):
     def _send(self, messages: Iterable[Message]) -> list[Message]:
         """Compress the broadcast (if configured) and count what goes down."""
         messages = list(messages)
-        # Strategies share one RecordDict across all messages of a round: do it once.
+        if self.broadcaster is not None:
+            self._broadcast(messages)
+        # Messages share RecordDicts (a strategy's one per round, the broadcaster's one
+        # per starting version): measure each once.
         sizes: dict[int, int] = {}
         for m in messages:
             key = id(m.content)
             if key not in sizes:
-                if ARRAYS in m.content.array_records:
-                    model = m.content.array_records[ARRAYS]
-                    m.content[ARRAYS] = compress_broadcast(model, self.downlink)
                 sizes[key] = wire_bytes(m.content)
             self._round.bytes_down += sizes[key]
         return messages
+
+    def _broadcast(self, messages: list[Message]) -> None:
+        """Give each message what its device misses of the public model, not the model."""
+        assert self.broadcaster is not None
+        b = self.broadcaster
+        by_content: dict[int, tuple[RecordDict, list[Message]]] = {}
+        before = b.encode_seconds
+        for m in messages:  # strategies share one content, but do not have to
+            by_content.setdefault(id(m.content), (m.content, []))[1].append(m)
+        for content, group in by_content.values():
+            if ARRAYS not in content.array_records:
+                continue
+            b.publish({k: a.numpy() for k, a in content.array_records[ARRAYS].items()})
+            nodes = [m.metadata.dst_node_id for m in group]
+            per_node = b.contents(content, nodes, self._round.downlink)
+            for m in group:
+                m.content = per_node[m.metadata.dst_node_id]
+        self._round.broadcast_seconds += b.encode_seconds - before
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -319,6 +330,7 @@ class CodecStrategy(Strategy):
         if intake is None:
             raise RuntimeError("receive_train before configure_train")
         node = msg.metadata.src_node_id
+        self._answered(msg)
         t0 = time.perf_counter()  # decode_seconds: boundary, norm and fold together
         out = self._boundary.train(msg, intake.server_round)
         if isinstance(out, DecodedReply):
@@ -338,6 +350,16 @@ class CodecStrategy(Strategy):
         for pending in released:
             self._fold(intake, *pending)
         self._round.decode_seconds += time.perf_counter() - t0
+
+    def _answered(self, msg: Message) -> None:
+        """A device answered: it holds what it was sent, unless it answered an error
+        (perhaps it could not rebuild the broadcast: it gets the whole model next)."""
+        if self.broadcaster is not None:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self.broadcaster.failed(node)
+            else:
+                self.broadcaster.answered(node)
 
     def lost_train(self, node: int) -> None:
         """A sampled node that will not answer: it no longer holds up the reference."""
@@ -387,6 +409,14 @@ class CodecStrategy(Strategy):
         # removing masks), not the stages' waits for devices
         r.decode_seconds = out.seconds.get("decode", 0.0) + out.seconds.get("reconstruct", 0.0)
         r.secagg_replies = out.replies
+        if self.broadcaster is not None:  # a masked input says the device rebuilt the model
+            masked = {c.client_id for c in out.claims}
+            for m in messages:
+                node = m.metadata.dst_node_id
+                if clients.get(node) in masked:
+                    self.broadcaster.answered(node)
+                else:
+                    self.broadcaster.failed(node)
         if out.total is None:
             return None
         values, weight = dequantize_sum(out.total, out.devices, out.clip, out.bits)
@@ -511,6 +541,7 @@ class CodecStrategy(Strategy):
         Flower averages, each checked, so one odd reply cannot end the round."""
         kept: list[Message] = []
         for msg in replies:
+            self._answered(msg)
             out = self._boundary.evaluate(msg)
             if isinstance(out, Rejection):
                 log.warning("evaluation reply from node %d dropped: %s", out.node_id, out.reason)
@@ -560,6 +591,12 @@ class CodecStrategy(Strategy):
             secagg_abandoned=r.abandoned,
             secagg_dropped=r.sampled - r.replied if r.secure else 0,
             secagg_replies=r.secagg_replies,
+            downlink_full=r.downlink.full,
+            downlink_diff=r.downlink.diff,
+            downlink_catchup=r.downlink.catchup,
+            downlink_current=r.downlink.current,
+            downlink_behind=r.downlink.behind,
+            broadcast_seconds=r.broadcast_seconds,
         )
         if self.on_round_end is not None:
             self.on_round_end(rec)

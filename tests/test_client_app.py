@@ -111,17 +111,27 @@ def test_no_residual_is_kept_without_error_feedback() -> None:
     assert RESIDUAL not in ctx.state.array_records
 
 
-def test_client_trains_from_a_float16_broadcast_and_sends_a_float32_update() -> None:
-    from fedpipe.strategy import compress_broadcast
+def test_client_trains_from_a_compressed_broadcast_and_keeps_one_copy_of_the_model() -> None:
+    """A deployed device: round 1 brings the whole public model, round 2 only its coded
+    change; the device's context.state holds the rebuilt model, the server's exactly."""
+    from fedpipe.config import DownlinkConfig
+    from fedpipe.downlink import Broadcaster, Decisions
+    from fedpipe.downlink.device import MODEL
 
-    msg = _instruction(MessageType.TRAIN, 1)
-    msg.content[ARRAYS] = compress_broadcast(msg.content.array_records[ARRAYS], "float16")
-    assert msg.content.array_records[ARRAYS]["1.weight"].numpy().dtype == np.float16
-    update = client_train(msg, _context(1), CFG).content.array_records[UPDATE]
-    for arr in update.values():
-        a = arr.numpy()
-        assert a.dtype == np.float32 and np.all(np.isfinite(a))
-    assert np.abs(update["1.weight"].numpy()).sum() > 0
+    server, ctx = Broadcaster(DownlinkConfig(scheme="hadamard2"), seed=0), _context(1)
+    cfg = load_config(None, [*CFG_OVERRIDES, "downlink.scheme=hadamard2"])
+    model = {k: a.numpy() for k, a in _instruction(MessageType.TRAIN, 1).content[ARRAYS].items()}
+    for rnd in (1, 2):
+        msg = _instruction(MessageType.TRAIN, rnd)
+        model = {k: v + 0.01 * rnd for k, v in model.items()}  # the global model moved
+        server.publish(model)
+        msg.content = server.contents(msg.content, [7], Decisions())[7]
+        assert (ARRAYS in msg.content.array_records) == (rnd == 1)
+        update = client_train(msg, ctx, cfg).content.array_records[UPDATE]
+        server.answered(7)
+        assert all(np.all(np.isfinite(a.numpy())) for a in update.values())
+        held = {k: a.numpy() for k, a in ctx.state.array_records[MODEL].items()}
+        assert all(held[k].tobytes() == server.public[k].tobytes() for k in model)
 
 
 def test_secagg_request_is_refused_before_any_training(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -308,10 +308,11 @@ def test_walsh_hadamard_is_orthonormal_and_its_own_inverse() -> None:
     assert np.allclose(fwht(x), x @ h.T, atol=1e-5)
 
 
-@pytest.mark.parametrize(("bits", "nmse"), [(1, 0.6), (2, 0.13)])
+@pytest.mark.parametrize(("bits", "nmse"), [(1, 0.6), (2, 0.14)])
 def test_rotation_codecs_are_unbiased_with_edens_error(bits: int, nmse: float) -> None:
     """Over many draws the decoded update averages to the update (EDEN's scale), and the
-    normalized squared error is about EDEN's: 0.57 for 1 bit, 0.12 for 2 bits."""
+    normalized squared error is about EDEN's: 0.57 for 1 bit; 0.135 for 2 bits on the
+    uniform levels (Lloyd-Max's would give 0.133)."""
     rng = np.random.default_rng(3)
     update = {
         "conv": rng.normal(0, 0.01, (40, 7)).astype(np.float32),
@@ -324,6 +325,28 @@ def test_rotation_codecs_are_unbiased_with_edens_error(bits: int, nmse: float) -
     assert errors.mean() < nmse
     # the mean of 600 unbiased draws is off by about sqrt(nmse / 600) of |x|
     assert np.linalg.norm(draws.mean(axis=0) - x) / np.linalg.norm(x) < 3 * np.sqrt(nmse / 600)
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_rotation_decoding_is_exact_whatever_order_the_sums_take(bits: int) -> None:
+    """The compressed broadcast needs every machine to decode the same bits: the
+    transform of the integer codes, done here in exact int64 arithmetic instead of
+    float32 BLAS, gives a bit-identical update."""
+    from scipy.linalg import hadamard
+
+    from fedpipe.codec._rotated import _LEVELS_2, _inv_sqrt, _signs
+
+    chunk, rng = 256, np.random.default_rng(9)
+    update = {"w": rng.normal(0, 0.05, 1000).astype(np.float32)}
+    codec = build_codec(CodecConfig(scheme=f"hadamard{bits}", chunk_size=chunk))
+    enc = codec.encode(update, rng)
+    k = 4
+    codes = unpack_bits(enc.arrays["codes"], bits, k * chunk).reshape(k, chunk)
+    q = (2 * codes.astype(np.int64) - 1) if bits == 1 else _LEVELS_2[codes].astype(np.int64)
+    exact = (q @ hadamard(chunk, dtype=np.int64).T).astype(np.float32)  # H q, row by row
+    exact *= (enc.arrays["scale"] * _inv_sqrt(chunk))[:, None]
+    exact *= _signs(int(enc.meta["seed"]), k, chunk)  # type: ignore[arg-type]
+    assert codec.decode(enc, update)["w"].tobytes() == exact.reshape(-1)[:1000].tobytes()
 
 
 def test_rotation_codec_error_feedback_telescopes() -> None:

@@ -68,7 +68,12 @@ def test_apply_overrides_does_not_mutate_input() -> None:
         (["codec.scheme=int3"], ["codec.scheme", "'int4'", "'topk'"]),
         (["codec.topk=0"], ["codec.topk", "(0.0, 1.0]"]),
         (["codec.topk_bits=3"], ["codec.topk_bits", "(2, 4, 8)"]),
-        (["codec.downlink=int8"], ["codec.downlink", "'float16'"]),
+        (["downlink.scheme=int3"], ["downlink.scheme", "'hadamard1'"]),
+        (
+            ["downlink.scheme=hadamard2", "downlink.chunk_size=1000"],
+            ["downlink.chunk_size=1000", "power of two"],
+        ),
+        (["codec.downlink=int8"], ["codec.downlink", "'max_staleness'"]),
         (["train.lr"], ["key=value"]),
     ],
 )

@@ -144,8 +144,11 @@ def _kill_group(pid_file: Path) -> None:
 
 @pytest.mark.parametrize("deployment", [3], indirect=True)
 def test_tls_coordinator_and_three_devices_complete_a_run(deployment: Deployment) -> None:
+    """...with a compressed broadcast: each device rebuilds the public model in its own
+    context.state, and the restarted one, holding nothing, is sent the whole model."""
     d = deployment
     args = ["federation.rounds=3", "federation.min_nodes=3", "federation.round_timeout=30"]
+    args += ["downlink.scheme=hadamard1", "downlink.chunk_size=256"]
     server = d.server(*args, *SERVER_ARGS, *d.common)
     clients = [d.client(i) for i in range(3)]
     # A device holding another CA's certificate is refused at the TLS handshake.
@@ -167,6 +170,9 @@ def test_tls_coordinator_and_three_devices_complete_a_run(deployment: Deployment
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[0]["clients_replied"] == 3 and rounds[0]["clients_failed"] == 0
     assert rounds[-1]["clients_replied"] == 3  # the restarted device is back
+    assert rounds[0]["downlink_full"] == 3
+    assert all(r["downlink_diff"] >= 2 for r in rounds[1:])  # those that kept running
+    assert sum(r["downlink_full"] for r in rounds[1:]) >= 1  # the restarted one
     assert rounds[-1]["accuracy"] > 0.5
     assert "round   3/3" in d.log("server.log")
     assert all(c.poll() is None for c in clients)  # devices stay up for the next run

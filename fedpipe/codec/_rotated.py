@@ -6,10 +6,12 @@ one scale per chunk fits all of them and a 1-bit sign carries most of the inform
 coordinates (the update zero-padded to whole chunks):
 
     y = H D x / sqrt(B)          D: random signs, H: the Walsh-Hadamard matrix
-    q = Q(y)                     hadamard1: sign(y); hadamard2: the nearest of the
-                                 Lloyd-Max levels for N(0, sigma^2), sigma = |y| / sqrt(B)
+    q = Q(y)                     hadamard1: sign(y) in {-1, 1}; hadamard2: the nearest
+                                 of {-3, -1, 1, 3} x 0.498 sigma, sigma = |y| / sqrt(B)
+                                 (the best uniform 4-level grid for a Gaussian: 1 % more
+                                 error than Lloyd-Max's levels, but integer codes)
     s = |x|^2 / <y, q>           the scale that makes the estimate unbiased (EDEN)
-    x' = D H (s q) / sqrt(B)     at the aggregator: H / sqrt(B) is its own inverse
+    x' = D (H q) s / sqrt(B)     at the receiver: H / sqrt(B) is its own inverse
 
 The signs D are never sent: they are regenerated from a 63-bit seed the device draws
 from its own per-round, per-client generator and sends in the header. Wire cost per
@@ -17,6 +19,11 @@ coordinate: bits + 32 / B (1.03 bits for hadamard1 at B = 1024; the last chunk's
 is sent too, since the rotation spreads every coordinate over its chunk). Error feedback works as
 with any codec. The transform is vectorized over all chunks at once (two batched matrix
 products, `fwht`).
+
+Decoding is exact and the same on every machine: H q is a transform of small integers,
+which float32 holds exactly whatever order BLAS sums in, and the rest is elementwise.
+The compressed broadcast (fedpipe.downlink) relies on that: the server and each device
+must rebuild the public model bit for bit.
 """
 
 from __future__ import annotations
@@ -44,9 +51,10 @@ __all__ = ["RotatedCodec", "fwht"]
 
 F32, U8 = np.dtype(np.float32), np.dtype(np.uint8)
 MAX_SEED = 2**63 - 1
-# Lloyd-Max quantizer of N(0, 1) with 4 levels: thresholds 0, +-0.9816.
-_LEVELS_2 = np.array([-1.5104, -0.4528, 0.4528, 1.5104], np.float32)
-_EDGES_2 = np.array([-0.9816, 0.0, 0.9816], np.float32)
+# hadamard2's levels, in units of _STEP_2 x sigma, and the edges between them.
+_LEVELS_2 = np.array([-3.0, -1.0, 1.0, 3.0], np.float32)
+_EDGES_2 = np.array([-2.0, 0.0, 2.0], np.float32)
+_STEP_2 = 0.498  # half the optimal step of a 4-level uniform quantizer for N(0, 1)
 
 
 @lru_cache(maxsize=16)
@@ -56,9 +64,8 @@ def _hadamard(n: int) -> np.ndarray:
     return h
 
 
-def fwht(x: np.ndarray) -> np.ndarray:
-    """The orthonormal Walsh-Hadamard transform of each row of x (k, B), B = 2^p; applying
-    it twice gives x back.
+def _transform(x: np.ndarray) -> np.ndarray:
+    """H x for each row of x (k, B), B = 2^p, unnormalized (exact for small integers).
 
     H_B = H_m (x) H_n with m n = B (Kronecker), so for each row reshaped to an m x n
     matrix X, H_B x is H_m X H_n: two small batched matrix products (BLAS) instead of
@@ -68,10 +75,20 @@ def fwht(x: np.ndarray) -> np.ndarray:
     p = b.bit_length() - 1
     m, n = 1 << (p // 2), 1 << (p - p // 2)
     rows = np.asarray(x, np.float32).reshape(k, m, n)
-    out = np.matmul(np.matmul(_hadamard(m), rows), _hadamard(n))  # (k, m, n)
-    out *= np.float32(1.0 / np.sqrt(b))
-    result: np.ndarray = out.reshape(k, b)
-    return result
+    out: np.ndarray = np.matmul(np.matmul(_hadamard(m), rows), _hadamard(n))  # (k, m, n)
+    return out.reshape(k, b)
+
+
+def _inv_sqrt(b: int) -> np.float32:
+    return np.float32(1.0 / np.sqrt(b))
+
+
+def fwht(x: np.ndarray) -> np.ndarray:
+    """The orthonormal Walsh-Hadamard transform of each row of x (k, B), B = 2^p; applying
+    it twice gives x back."""
+    out = _transform(x)
+    out *= _inv_sqrt(x.shape[1])
+    return out
 
 
 def _signs(seed: int, k: int, b: int) -> np.ndarray:
@@ -105,7 +122,8 @@ class RotatedCodec:
             dot = np.abs(y).sum(axis=1, dtype=np.float64)  # <y, sign(y)>
             unit = np.ones_like(dot)
         else:
-            unit = np.sqrt(np.einsum("ij,ij->i", y, y, dtype=np.float64) / self.chunk)  # sigma
+            sigma = np.sqrt(np.einsum("ij,ij->i", y, y, dtype=np.float64) / self.chunk)
+            unit = _STEP_2 * sigma
             codes = np.digitize(y / np.maximum(unit, 1e-30)[:, None], _EDGES_2).astype(np.uint8)
             dot = np.einsum("ij,ij->i", y, _LEVELS_2[codes], dtype=np.float64) * unit
         # EDEN's scale |x|^2 / <y, q>, in units of the levels sent (0 for an all-zero chunk)
@@ -131,9 +149,8 @@ class RotatedCodec:
         size = k * self.chunk
         expect_arrays(encoded, {"codes": (U8, packed_size(size, self.bits)), "scale": (F32, k)})
         codes = unpack_bits(encoded.arrays["codes"], self.bits, size)
-        unit = (
-            2.0 * codes.astype(np.float32) - 1.0 if self.bits == 1 else _LEVELS_2[codes]
-        ).reshape(k, self.chunk)
-        unit *= encoded.arrays["scale"][:, None]
-        x = fwht(unit) * _signs(seed, k, self.chunk)
+        q = 2.0 * codes.astype(np.float32) - 1.0 if self.bits == 1 else _LEVELS_2[codes]
+        x = _transform(q.reshape(k, self.chunk))  # exact: integers
+        x *= (encoded.arrays["scale"] * _inv_sqrt(self.chunk))[:, None]
+        x *= _signs(seed, k, self.chunk)
         return unflatten(x.reshape(-1)[:n], like)
