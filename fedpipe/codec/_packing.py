@@ -30,13 +30,16 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     codes = np.asarray(codes, dtype=np.uint8).ravel()
     if bits == 8:
         return codes.copy()
+    if bits == 1:  # NumPy's own, same layout
+        return np.packbits(codes, bitorder="little")
     per_byte = 8 // bits
     padded = np.zeros(packed_size(len(codes), bits) * per_byte, dtype=np.uint8)
     padded[: len(codes)] = codes
     groups = padded.reshape(-1, per_byte)  # (bytes, codes per byte)
-    shifts = (np.arange(per_byte, dtype=np.uint8) * bits)[None, :]
-    packed: np.ndarray = np.bitwise_or.reduce(groups << shifts, axis=1)
-    return packed.astype(np.uint8)
+    packed = groups[:, 0].copy()
+    for j in range(1, per_byte):
+        packed |= groups[:, j] << np.uint8(bits * j)
+    return packed
 
 
 def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -50,6 +53,8 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
         )
     if bits == 8:
         return packed.copy()
+    if bits == 1:
+        return np.unpackbits(packed, count=count, bitorder="little")
     per_byte = 8 // bits
     shifts = (np.arange(per_byte, dtype=np.uint8) * bits)[None, :]
     mask = np.uint8((1 << bits) - 1)

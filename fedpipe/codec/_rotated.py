@@ -41,7 +41,6 @@ from fedpipe.codec._base import (
     Update,
     check_header,
     expect_arrays,
-    flatten,
     unflatten,
 )
 from fedpipe.codec._packing import pack_bits, packed_size, unpack_bits
@@ -91,32 +90,41 @@ def fwht(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _signs(seed: int, k: int, b: int) -> np.ndarray:
-    """The rotation's random signs D, (k, B) float32 of +-1."""
-    bits = np.random.default_rng(seed).integers(0, 2, (k, b), dtype=np.int8)
-    return (1 - 2 * bits).astype(np.float32)
+def _flip(x: np.ndarray, seed: int) -> np.ndarray:
+    """D x: the rotation's random signs applied to x (k, B) float32, in place.
+
+    The signs are the bits of the seed's random bytes; flipping a float's sign bit is
+    exactly multiplying it by -1, and ten times faster than drawing +-1 floats.
+    """
+    flips = np.unpackbits(np.frombuffer(np.random.default_rng(seed).bytes(x.size // 8), np.uint8))
+    x.reshape(-1).view(np.uint32)[:] ^= flips.astype(np.uint32) << np.uint32(31)
+    return x
 
 
 class RotatedCodec:
     """hadamard1 / hadamard2: see the module docstring."""
 
     def __init__(self, bits: int, chunk: int) -> None:
-        if bits not in (1, 2) or chunk & (chunk - 1):
-            raise ValueError("bits must be 1 or 2 and the chunk a power of two")
+        if bits not in (1, 2) or chunk & (chunk - 1) or chunk < 8:
+            raise ValueError("bits must be 1 or 2 and the chunk a power of two, at least 8")
         self.bits, self.chunk, self.name = bits, chunk, f"hadamard{bits}"
 
-    def _rows(self, flat: np.ndarray) -> np.ndarray:
-        k = num_chunks(len(flat), self.chunk)
-        padded = np.zeros(k * self.chunk, np.float32)
-        padded[: len(flat)] = flat
-        return padded.reshape(k, self.chunk)
+    def _rows(self, update: Update) -> tuple[np.ndarray, int]:
+        """The update as (k, B) rows, zero-padded to whole chunks, and its length."""
+        n = sum(int(v.size) for v in update.values())
+        padded = np.zeros(num_chunks(n, self.chunk) * self.chunk, np.float32)
+        if update:  # straight into the padded buffer: no separate flat copy
+            np.concatenate(
+                [np.asarray(v, np.float32).ravel() for v in update.values()], out=padded[:n]
+            )
+        return padded.reshape(-1, self.chunk), n
 
     def encode(self, update: Update, rng: np.random.Generator) -> Encoded:
-        flat = flatten(update)
         seed = int(rng.integers(0, MAX_SEED))
-        x = self._rows(flat)  # (k, B)
-        y = fwht(x * _signs(seed, *x.shape))
+        x, n = self._rows(update)  # (k, B)
+        _flip(x, seed)  # D x: the same norm as x
         norm2 = np.einsum("ij,ij->i", x, x, dtype=np.float64)  # (k,) |x_c|^2
+        y = fwht(x)
         if self.bits == 1:
             codes = (y >= 0).astype(np.uint8)
             dot = np.abs(y).sum(axis=1, dtype=np.float64)  # <y, sign(y)>
@@ -135,7 +143,7 @@ class RotatedCodec:
         meta: dict[str, MetaValue] = {
             "scheme": self.name,
             "chunk": self.chunk,
-            "count": len(flat),
+            "count": n,
             "seed": seed,
         }
         return Encoded(arrays, meta)
@@ -152,5 +160,5 @@ class RotatedCodec:
         q = 2.0 * codes.astype(np.float32) - 1.0 if self.bits == 1 else _LEVELS_2[codes]
         x = _transform(q.reshape(k, self.chunk))  # exact: integers
         x *= (encoded.arrays["scale"] * _inv_sqrt(self.chunk))[:, None]
-        x *= _signs(seed, k, self.chunk)
+        _flip(x, seed)
         return unflatten(x.reshape(-1)[:n], like)
