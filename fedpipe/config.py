@@ -70,7 +70,8 @@ def _range(
         raise ConfigError(f"{section}.{name}={value!r} is out of range; allowed {bounds}")
 
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "file")
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "file", "imagefolder", "table")
+USER_DATA = ("file", "imagefolder", "table")  # datasets read from data.path
 PARTITIONERS = ("iid", "dirichlet", "shards")
 MODELS = ("mlp", "cnn", "resnet18")
 OPTIMIZERS = ("sgd", "adam")
@@ -92,15 +93,29 @@ class DataConfig:
     # Folder holding torchvision datasets; empty means search $FEDPIPE_DATA, ./data,
     # ../shared/data in that order.
     root: str = ""
-    # For dataset="file": an .npz with arrays x, y (and optionally x_test, y_test).
+    # dataset="file": an .npz with arrays x, y (and optionally x_test, y_test);
+    # "imagefolder": a folder of class sub-folders (or train/ and test/ of them);
+    # "table": a CSV (header row) or Parquet file of numeric features and a label.
     path: str = ""
     # Allow torchvision to download a missing dataset (needs network access).
     download: bool = False
+    # table: the label column, and an optional separate test table.
+    label: str = "label"
+    test_path: str = ""
+    # imagefolder / table without a separate test set: the fraction held out for it.
+    test_fraction: float = 0.2
+    # imagefolder: resize every image to image_size x image_size (0: keep; they must
+    # then share one size), and read it as 1 (grey) or 3 (RGB) channels.
+    image_size: int = 0
+    channels: int = 3
 
     def __post_init__(self) -> None:
         _choice(self.SECTION, "dataset", self.dataset, DATASETS)
-        if self.dataset == "file" and not self.path:
-            raise ConfigError("data.path must name an .npz file when data.dataset='file'")
+        if self.dataset in USER_DATA and not self.path:
+            raise ConfigError(f"data.path must name the data when data.dataset={self.dataset!r}")
+        _range(self.SECTION, "test_fraction", self.test_fraction, 0.0, 0.9)
+        _range(self.SECTION, "image_size", self.image_size, 0, 4096)
+        _choice(self.SECTION, "channels", self.channels, (1, 3))
 
 
 @dataclass(frozen=True)

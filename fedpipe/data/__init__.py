@@ -17,8 +17,10 @@ from fedpipe.data._datasets import (
 )
 from fedpipe.data._partition import dirichlet, iid, label_histograms, partition, shards
 from fedpipe.data._shardfiles import shard_path, write_shards
+from fedpipe.data._userdata import DataFormatError
 
 __all__ = [
+    "DataFormatError",
     "DatasetNotFoundError",
     "Split",
     "TensorDataset",

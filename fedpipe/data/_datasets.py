@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fedpipe.config import DataConfig
+from fedpipe.data._userdata import load_image_folder, load_table
 
 __all__ = ["DatasetNotFoundError", "Split", "TensorDataset", "load_dataset", "search_roots"]
 
@@ -190,6 +191,13 @@ def _load_file(cfg: DataConfig) -> TensorDataset:
     )
 
 
+def _load_user(cfg: DataConfig) -> TensorDataset:
+    """An image folder or a table (fedpipe.data._userdata)."""
+    load = load_image_folder if cfg.dataset == "imagefolder" else load_table
+    x, y, x_test, y_test, num_classes = load(cfg)
+    return TensorDataset(Path(cfg.path).stem, Split(x, y), Split(x_test, y_test), num_classes)
+
+
 def _missing(cfg: DataConfig, name: str, folder: str, what: str) -> None:
     looked = ", ".join(str((r / folder).resolve()) for r in search_roots(cfg))
     raise DatasetNotFoundError(
@@ -205,6 +213,8 @@ _LOADERS: dict[str, Callable[[DataConfig], TensorDataset]] = {
     "fashion_mnist": lambda cfg: _load_mnist_family(cfg, "fashion_mnist"),
     "cifar10": _load_cifar10,
     "file": _load_file,
+    "imagefolder": _load_user,
+    "table": _load_user,
 }
 
 
