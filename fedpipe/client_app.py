@@ -69,7 +69,15 @@ from fedpipe.secagg.wire import ADVERTISE, MASKED_INPUT, PARAMS, SHARE
 from fedpipe.seed import client_seed, round_generator
 from fedpipe.training import evaluate, select_device, train
 
-__all__ = ["ClientHooks", "client_id_of", "make_client_app"]
+__all__ = [
+    "OWN_COPY",
+    "ClientHooks",
+    "Trained",
+    "client_id_of",
+    "encoded_reply",
+    "identity_reply",
+    "make_client_app",
+]
 
 STATE = "fedpipe-client"  # ConfigRecord in context.state that survives rounds
 RESIDUAL = "fedpipe-residual"  # ArrayRecord in context.state: error-feedback residual
@@ -231,7 +239,7 @@ def _plant_canary(update: Update, context: Context) -> None:
 
 
 @dataclass
-class _Trained:
+class Trained:
     """One round of local training on this device, as the codec or SecAgg encodes it."""
 
     client_id: int
@@ -245,7 +253,7 @@ class _Trained:
 
 def _local_update(
     msg: Message, context: Context, cfg: RunConfig, hooks: ClientHooks | None, store: ModelStore
-) -> _Trained:
+) -> Trained:
     cid = client_id_of(context)
     server_round = record_int(msg.content.config_records[CONFIG], SERVER_ROUND)
     model, global_sd, num_classes = _model(cfg, context, msg, store)
@@ -271,10 +279,10 @@ def _local_update(
     num_examples = result.num_examples
     if hooks is not None:
         update, num_examples = hooks.on_update(cid, update, num_examples, rng)
-    return _Trained(cid, server_round, update, num_examples, result.loss, t1 - t0, rng)
+    return Trained(cid, server_round, update, num_examples, result.loss, t1 - t0, rng)
 
 
-def _claims(t: _Trained, encode_seconds: float) -> dict[str, MetaValue]:
+def _claims(t: Trained, encode_seconds: float) -> dict[str, MetaValue]:
     """What a device states beside its update (bound with it when sealed)."""
     return {
         NUM_EXAMPLES: t.num_examples,
@@ -294,11 +302,19 @@ def client_train(
     store: ModelStore = OWN_COPY,
 ) -> Message:
     t = _local_update(msg, context, cfg, hooks, store)
+    return encoded_reply(msg, context, cfg.codec, t, seal_key)
+
+
+def encoded_reply(
+    msg: Message, context: Context, codec_cfg: CodecConfig, t: Trained, seal_key: bytes | None
+) -> Message:
+    """The training reply: the update encoded (with error feedback kept in
+    `context.state`), the claims in its header, sealed when this device has the key."""
     t1 = time.perf_counter()
-    codec = build_codec(cfg.codec)
+    codec = build_codec(codec_cfg)
     residual = None
-    if cfg.codec.error_feedback:
-        prior = load_residual(context, t.server_round, cfg.codec)
+    if codec_cfg.error_feedback:
+        prior = load_residual(context, t.server_round, codec_cfg)
         encoded, residual = encode_with_feedback(codec, t.update, prior, t.rng)
     else:
         encoded = codec.encode(t.update, t.rng)
@@ -310,6 +326,13 @@ def client_train(
     sealing = time.perf_counter() - t_seal
     _remember(context, t.server_round, residual)
     return Message(train_content(encoded, sealing), reply_to=msg)
+
+
+def identity_reply(msg: Message, context: Context) -> Message:
+    """Which client this node is: the aggregator samples by client id."""
+    return Message(
+        RecordDict({IDENTITY: ConfigRecord({CLIENT_ID: client_id_of(context)})}), reply_to=msg
+    )
 
 
 def _secagg_state(context: Context) -> ConfigRecord:
@@ -427,9 +450,6 @@ def make_client_app(
 
     @app.query("identify")
     def _identify(msg: Message, context: Context) -> Message:
-        """Which client this node is: the aggregator samples by client id."""
-        return Message(
-            RecordDict({IDENTITY: ConfigRecord({CLIENT_ID: client_id_of(context)})}), reply_to=msg
-        )
+        return identity_reply(msg, context)
 
     return app

@@ -23,12 +23,21 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    ConfigRecordValues,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     Bulyan,
@@ -210,6 +219,7 @@ class CodecStrategy(Strategy):
         plan: RoundPlan | None = None,
         on_progress: Callable[[int, int, int], None] | None = None,
         secagg: SecAggConfig | None = None,
+        announce: Mapping[str, ConfigRecordValues] | None = None,
     ) -> None:
         self.inner = inner
         self.codec = codec
@@ -237,6 +247,9 @@ class CodecStrategy(Strategy):
         # Secure aggregation: the protocol's config and the next round's clipping range.
         self.secagg = secagg
         self._clip = secagg.clip if secagg is not None else 0.0
+        # Settings every train and evaluate config carries (fedpipe.flower.spec: how a
+        # device's fedpipe_mod learns the codecs).
+        self.announce = dict(announce or {})
 
     # -- sending ----------------------------------------------------------------------
 
@@ -286,6 +299,7 @@ class CodecStrategy(Strategy):
         )
         # Flower's Grid inflates each reply before fedpipe sees it: bound that too.
         limit_array_inflation(limits.max_array_bytes)
+        config = ConfigRecord({**config, **self.announce})
         if self.opener is not None:  # tells devices without the key why they are refused
             config = ConfigRecord({**config, SEAL_REQUIRED: True})
         order = {node: i for i, node in enumerate(grid.get_node_ids())}
@@ -296,7 +310,8 @@ class CodecStrategy(Strategy):
         self._intake = _Intake(
             server_round=server_round,
             gate=ReferenceGate(nodes, self.bounds.reference_clients, self.guard.reference),
-            clients=dict(getattr(grid, "clients", {})),
+            # who each node said it is; without identify, devices' claims go unchecked
+            clients=dict(getattr(grid, "clients", {})) if self.plan.identify else {},
             max_terms=max(1, len(messages)),
         )
         return messages
@@ -304,6 +319,7 @@ class CodecStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        config = ConfigRecord({**config, **self.announce})
         return self._send(self.inner.configure_evaluate(server_round, arrays, config, grid))
 
     # -- receiving --------------------------------------------------------------------
@@ -537,9 +553,12 @@ class CodecStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Federated evaluation replies through the same boundary: exactly the metrics
-        Flower averages, each checked, so one odd reply cannot end the round."""
-        kept: list[Message] = []
+        """Federated evaluation replies through the same boundary, then one set of metric
+        names for all (Flower ends the round on replies that differ): the names a strict
+        majority of the checked replies report. Other names are dropped; a reply without
+        all of them is dropped, so one odd reply can neither end the round nor decide
+        what the others report."""
+        checked: list[tuple[int, MetricRecord]] = []
         for msg in replies:
             self._answered(msg)
             out = self._boundary.evaluate(msg)
@@ -547,7 +566,17 @@ class CodecStrategy(Strategy):
                 log.warning("evaluation reply from node %d dropped: %s", out.node_id, out.reason)
                 continue
             self._round.bytes_up += wire_bytes(msg.content)  # checked: safe to serialize
-            kept.append(Message(out, dst_node_id=msg.metadata.src_node_id, message_type="evaluate"))
+            checked.append((msg.metadata.src_node_id, out.metric_records[METRICS]))
+        counts = Counter(name for _, metrics in checked for name in metrics)
+        names = sorted(k for k, c in counts.items() if 2 * c > len(checked))
+        kept: list[Message] = []
+        for node, metrics in checked:
+            missing = sorted(set(names) - set(metrics))
+            if missing:
+                log.warning("evaluation reply from node %d dropped: lacks %s", node, missing)
+                continue
+            content = RecordDict({METRICS: MetricRecord({k: metrics[k] for k in names})})
+            kept.append(Message(content, dst_node_id=node, message_type="evaluate"))
         if not kept:
             return None
         return self.inner.aggregate_evaluate(server_round, kept)

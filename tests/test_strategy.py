@@ -329,7 +329,8 @@ def test_build_strategy(name: str) -> None:
 
 def test_federated_evaluation_survives_odd_replies() -> None:
     """One device reporting an extra metric used to end the round in Flower's aggregation
-    (InconsistentMessageReplies); another sends a key that is not valid Unicode."""
+    (InconsistentMessageReplies); another sends a key that is not valid Unicode; a
+    fourth lacks a metric the majority reports."""
     records: list[RoundRecord] = []
 
     def respond(msg: Message) -> Message | None:
@@ -341,6 +342,8 @@ def test_federated_evaluation_survives_odd_replies() -> None:
             metrics["newer-metric"] = 1.0
         if node == 3:
             metrics["\ud800"] = 1.0
+        if node == 4:
+            del metrics["eval_loss"]
         return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     strategy = CodecStrategy(
@@ -350,14 +353,14 @@ def test_federated_evaluation_survives_odd_replies() -> None:
         plan=RoundPlan(fraction_evaluate=1.0),
     )
     result = strategy.start(
-        ReplyGrid([1, 2, 3], respond),
+        ReplyGrid([1, 2, 3, 4], respond),
         _global_record(),
         num_rounds=1,
         timeout=1.0,
         evaluate_fn=lambda rnd, arrays: MetricRecord({"accuracy": 0.5, "loss": 1.0}),
     )
     federated = result.evaluate_metrics_clientapp[1]
-    assert federated["eval_accuracy"] == pytest.approx(0.15)  # nodes 1 and 2; 3 dropped
+    assert federated["eval_accuracy"] == pytest.approx(0.15)  # nodes 1 and 2; 3, 4 dropped
     assert set(federated) == {"eval_loss", "eval_accuracy"}
     assert records[0].clients_replied == 2
 

@@ -34,7 +34,6 @@ from fedpipe.records import (
     CODEC,
     ENCODE_SECONDS,
     EVAL_ACCURACY,
-    EVAL_LOSS,
     IDENTITY,
     METRICS,
     NUM_EXAMPLES,
@@ -175,21 +174,21 @@ class DecodeBoundary:
     # -- evaluation replies -------------------------------------------------------------
 
     def evaluate(self, msg: Message) -> RecordDict | Rejection:
-        """An evaluation reply as exactly the metrics Flower averages, or why it was dropped."""
+        """An evaluation reply as the metrics Flower averages, or why it was dropped.
+
+        Any app's metrics pass (at most `limits.max_entries` single finite numbers), the
+        example count they are weighted by is bounded, and an accuracy, when there is
+        one under fedpipe's name, must be a fraction."""
         node = _node(msg)
         try:
             if msg.has_error():
                 return Rejection(node, f"client error: {_last_line(msg.error.reason)}")
             check_layout(msg.content, {METRICS: MetricRecord}, {})
             values = metric_values(msg.content.metric_records[METRICS], self.limits, METRICS)
-            metrics = MetricRecord(
-                {
-                    NUM_EXAMPLES: _int(values, NUM_EXAMPLES, 1, self.max_examples),
-                    EVAL_LOSS: _number(values, EVAL_LOSS, -math.inf, math.inf),
-                    EVAL_ACCURACY: _number(values, EVAL_ACCURACY, 0.0, 1.0),
-                }
-            )
-            return RecordDict({METRICS: metrics})
+            values[NUM_EXAMPLES] = _int(values, NUM_EXAMPLES, 1, self.max_examples)
+            if EVAL_ACCURACY in values:
+                values[EVAL_ACCURACY] = _number(values, EVAL_ACCURACY, 0.0, 1.0)
+            return RecordDict({METRICS: MetricRecord(values)})  # type: ignore[arg-type]
         except PayloadError as exc:
             return Rejection(node, f"bad evaluation reply: {safe_text(str(exc))}")
         except Exception as exc:  # noqa: BLE001 - the boundary is total by design

@@ -61,6 +61,10 @@ class RoundPlan:
     seed: int = 0
     poll_s: float = 0.1
     wait_s: float = 300.0  # for min_nodes identified clients, before a round starts
+    # Ask each new node which client it is (fedpipe's ClientApp answers). False: a node
+    # is its own client id, as in Flower (an app whose ClientApp only trains and
+    # evaluates, wrapped by fedpipe.flower.compress).
+    identify: bool = True
 
 
 class SampledGrid:
@@ -97,6 +101,10 @@ class RoundEngine:
         self, grid: Grid, nodes: Iterable[int], server_round: int, deadline: float
     ) -> None:
         """Ask nodes not seen before which client they are (one small message each)."""
+        if not self.plan.identify:
+            for node in self.registry.unknown(nodes):
+                self.registry.learn(node, node)
+            return
         ask = [
             n
             for n in self.registry.unknown(nodes)
