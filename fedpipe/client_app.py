@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Protocol
 
 import numpy as np
@@ -28,20 +27,18 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedpipe.boundary import SHARES_REJECTED
+from fedpipe.builtin_task import DATA_PATH
 from fedpipe.codec import Encoded, MetaValue, Update, build_codec, encode_with_feedback
 from fedpipe.config import (
     DEVICE_KEYS,
     CodecConfig,
-    DataConfig,
-    ModelConfig,
     RunConfig,
     with_device_settings,
 )
 from fedpipe.crypto.seal import Binding, seal
-from fedpipe.data import Split, TensorDataset, client_shard, load_dataset
+from fedpipe.data import Split, load_dataset
 from fedpipe.downlink import HEADER as DOWNLINK_HEADER
 from fedpipe.downlink import ModelStore, SharedStore, StateStore, receive
-from fedpipe.models import build_model
 from fedpipe.records import (
     ARRAYS,
     CLIENT_ID,
@@ -67,9 +64,11 @@ from fedpipe.secagg.device import SecAggRefusal, advertise, share_keys, unmask
 from fedpipe.secagg.keys import RoundId
 from fedpipe.secagg.wire import ADVERTISE, MASKED_INPUT, PARAMS, SHARE
 from fedpipe.seed import client_seed, round_generator
-from fedpipe.training import evaluate, select_device, train
+from fedpipe.task import Task, TaskContext, as_split, load_task
+from fedpipe.training import select_device
 
 __all__ = [
+    "DATA_PATH",
     "OWN_COPY",
     "ClientHooks",
     "Trained",
@@ -108,7 +107,6 @@ def client_id_of(context: Context) -> int:
     raise KeyError("node config has neither 'partition-id' nor 'client-id'")
 
 
-DATA_PATH = "data-path"  # node config: a deployed device's own shard file
 AGGREGATOR_KEY = "aggregator-key"  # node config: the aggregator's X25519 public key, hex
 # node config, tests only: comma-separated floats planted in the first coordinates of the
 # update, so an end-to-end test can look for them on the wire and in the relay's database.
@@ -140,32 +138,24 @@ def _maybe_seal(
     return seal(encoded, key, Binding(context.run_id, rnd, context.node_id))
 
 
-def _device_data(context: Context) -> TensorDataset | None:
-    """A deployed device's own shard (`fedpipe-client --data`); None in simulation."""
-    path = context.node_config.get(DATA_PATH)
-    return load_dataset(DataConfig(dataset="file", path=str(path))) if path else None
-
-
 def _device_config(cfg: RunConfig, context: Context) -> RunConfig:
     """The run's config with this device's profile (batch size, device, AMP, threads)."""
     own = {k: v for k, v in context.node_config.items() if k in DEVICE_KEYS}
     return with_device_settings(cfg, own) if own else cfg
 
 
-def _local_data(cfg: RunConfig, context: Context, cid: int) -> Split:
-    own = _device_data(context)
-    return own.train if own is not None else client_shard(cfg.data, cfg.partition, cfg.seed, cid)
-
-
-@lru_cache(maxsize=2)
-def _module(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
-    """One module per shape, reused by every client this process runs, one at a time.
-
-    Each client overwrites every parameter and buffer with the broadcast (a strict
-    load_state_dict), so building and randomly initializing a fresh module per client
-    (about 1 ms of a 5 ms MLP client) bought nothing.
-    """
-    return build_model(cfg, input_shape, num_classes)
+def _task_context(
+    cfg: RunConfig, context: Context, server_round: int, generator: torch.Generator | None = None
+) -> TaskContext:
+    """Where a task function runs: this client, this round, this device."""
+    return TaskContext(
+        cfg,
+        client_id_of(context),
+        dict(context.node_config),
+        server_round,
+        select_device(cfg.train.device),
+        generator,
+    )
 
 
 class _Broadcast:
@@ -198,15 +188,13 @@ def _global_state(
 
 
 def _model(
-    cfg: RunConfig, context: Context, msg: Message, store: ModelStore
-) -> tuple[torch.nn.Module, dict[str, torch.Tensor], int]:
-    """The global model as broadcast, its state dict, and the number of classes."""
-    # Shapes come from the device's shard when it has one: it may not hold the dataset.
-    ds = _device_data(context) or load_dataset(cfg.data)
-    model = _module(cfg.model, tuple(ds.input_shape), ds.num_classes)
-    global_sd = _global_state(cfg, context, msg, store)
-    model.load_state_dict(global_sd)
-    return model, global_sd, ds.num_classes
+    task: Task, ctx: TaskContext, context: Context, msg: Message, store: ModelStore
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The task's model holding the global weights as broadcast, and those weights."""
+    model = task.model(ctx)
+    global_sd = _global_state(ctx.config, context, msg, store)
+    task.load_weights(model, global_sd)
+    return model, global_sd
 
 
 def load_residual(context: Context, server_round: int, cfg: CodecConfig) -> Update | None:
@@ -254,20 +242,16 @@ class Trained:
 def _local_update(
     msg: Message, context: Context, cfg: RunConfig, hooks: ClientHooks | None, store: ModelStore
 ) -> Trained:
-    cid = client_id_of(context)
     server_round = record_int(msg.content.config_records[CONFIG], SERVER_ROUND)
-    model, global_sd, num_classes = _model(cfg, context, msg, store)
-    data = _local_data(cfg, context, cid)
-    if hooks is not None:
-        data = hooks.on_data(cid, data, num_classes)
+    cid = client_id_of(context)
+    task = load_task(cfg.task)
+    ctx = _task_context(cfg, context, server_round, round_generator(cfg.seed, cid, server_round))
+    model, global_sd = _model(task, ctx, context, msg, store)
+    data = task.train_data(ctx)
+    if hooks is not None:  # simulated attacks, on fedpipe's datasets
+        data = hooks.on_data(cid, as_split(data, task.name), load_dataset(cfg.data).num_classes)
     t0 = time.perf_counter()
-    result = train(
-        model,
-        data,
-        cfg.train,
-        round_generator(cfg.seed, cid, server_round),
-        select_device(cfg.train.device),
-    )
+    result = task.train(model, data, ctx)
     t1 = time.perf_counter()
     # The update, not the weights: what codecs compress and error feedback corrects.
     local_sd = model.state_dict()
@@ -381,7 +365,8 @@ def client_secagg_query(msg: Message, context: Context, cfg: RunConfig) -> Messa
     rid, kind = _round_id(msg, context), msg.metadata.message_type
     state, cid = _secagg_state(context), client_id_of(context)
     if kind == ADVERTISE:
-        examples = len(_local_data(cfg, context, cid))
+        task = load_task(cfg.task)
+        examples = len(task.train_data(_task_context(cfg, context, rid.round)))  # type: ignore[arg-type]
         content = advertise(state, cfg.secagg, rid, cid, examples, msg.content)
     elif kind == SHARE:
         content = share_keys(state, cfg.secagg, rid, cid, msg.content)
@@ -394,11 +379,13 @@ def client_evaluate(
     msg: Message, context: Context, cfg: RunConfig, store: ModelStore = OWN_COPY
 ) -> Message:
     """Federated evaluation of the global model on the client's own shard."""
-    cid = client_id_of(context)
-    model, _, _ = _model(cfg, context, msg, store)
-    data = _local_data(cfg, context, cid)
-    loss, acc = evaluate(model, data, device=select_device(cfg.train.device))
-    metrics = MetricRecord({NUM_EXAMPLES: len(data), EVAL_LOSS: loss, EVAL_ACCURACY: acc})
+    server_round = record_int(msg.content.config_records[CONFIG], SERVER_ROUND, 0)
+    task = load_task(cfg.task)
+    ctx = _task_context(cfg, context, server_round)
+    model, _ = _model(task, ctx, context, msg, store)
+    data = task.train_data(ctx)
+    loss, acc = task.evaluate(model, data, ctx)
+    metrics = MetricRecord({NUM_EXAMPLES: len(data), EVAL_LOSS: loss, EVAL_ACCURACY: acc})  # type: ignore[arg-type]
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 

@@ -470,6 +470,10 @@ class RunConfig:
     seed: int = 0
     # Each run writes a fresh sub-directory here.
     output_dir: str = "runs"
+    # The task module (fedpipe.task): your model, data and training loop, imported from
+    # the environment on every device and the coordinator; empty: fedpipe's built-in
+    # registry models and datasets ([model], [data]).
+    task: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -484,6 +488,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _range("", "seed", self.seed, 0, 2**32 - 1)
+        if self.task and not all(p.isidentifier() for p in self.task.split(".")):
+            raise ConfigError(f"task={self.task!r} must be a module name such as 'mypkg.task'")
         if not self.name or "/" in self.name:
             raise ConfigError(f"name={self.name!r} must be non-empty and contain no '/'")
         last = self.partition.num_clients - 1

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from fedpipe.config import ConfigError, RunConfig, config_from_dict
-from fedpipe.data import Split, load_dataset
-from fedpipe.models import build_model
+from fedpipe.data import Split
 from fedpipe.rundir import CONFIG_FILE, MODEL_FILE
+from fedpipe.task import TaskContext, as_split, load_task
 
 __all__ = ["ExportError", "ExportRow", "export_run", "load_run_model"]
 
@@ -55,8 +55,9 @@ def load_run_model(run_dir: Path) -> tuple[nn.Module, RunConfig, tuple[int, ...]
     try:
         cfg = config_from_dict(saved["config"])
         shape = tuple(int(d) for d in saved["input_shape"])
-        model = build_model(cfg.model, shape, int(saved["num_classes"]))
-        model.load_state_dict(saved["state_dict"])
+        task = load_task(cfg.task)
+        model = task.model(TaskContext(cfg, None, {}))
+        task.load_weights(model, saved["state_dict"])
     except (KeyError, ConfigError, RuntimeError) as exc:
         raise ExportError(f"{run_dir / MODEL_FILE} does not match its config: {exc}") from exc
     return model.eval(), cfg, shape
@@ -130,12 +131,15 @@ def export_run(run_dir: Path, force: bool = False, threads: int = 1) -> list[Exp
     if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"{out} exists; pass --force to overwrite it")
     out.mkdir(exist_ok=True)
-    data = load_dataset(cfg.data)
-    if tuple(data.input_shape) != shape or len(data.test) == 0:
-        raise ExportError(f"the run's dataset {data.name!r} does not fit the model {shape}")
+    task = load_task(cfg.task)
+    raw = task.test_data(TaskContext(cfg, None, {}))
+    test = as_split(raw, f"{task.name}.test_data") if raw is not None else None
+    if test is None or tuple(test.x.shape[1:]) != shape or len(test) == 0:
+        raise ExportError(f"the run's task {task.name!r} has no test data of the model's {shape}")
+    calibration = task.calibration_data(TaskContext(cfg, None, {})) or test
     torch.set_num_threads(threads)
-    example = data.test.x[:1]
-    x64 = data.test.x[:64].repeat(-(-64 // max(len(data.test), 1)), *[1] * len(shape))[:64]
+    example = test.x[:1]
+    x64 = test.x[:64].repeat(-(-64 // max(len(test), 1)), *[1] * len(shape))[:64]
     candidates: dict[str, tuple[Path, Module]] = {
         "torchscript-fp32": (
             out / "model_fp32.pt",
@@ -143,7 +147,7 @@ def export_run(run_dir: Path, force: bool = False, threads: int = 1) -> list[Exp
         ),
         "torchscript-int8": (
             out / "model_int8.pt",
-            _torchscript(_int8(model, data.train.x[:2048]), example, out / "model_int8.pt"),
+            _torchscript(_int8(model, calibration.x[:2048]), example, out / "model_int8.pt"),
         ),
     }
     onnx_fn = _onnx(model, example, out / "model.onnx")
@@ -151,7 +155,7 @@ def export_run(run_dir: Path, force: bool = False, threads: int = 1) -> list[Exp
         candidates["onnx-fp32"] = (out / "model.onnx", onnx_fn)
     rows = []
     for name, (path, fn) in candidates.items():
-        acc, diff = _check(fn, model, data.test)
+        acc, diff = _check(fn, model, test)
         latency, throughput = _speed(fn, example, x64)
         rows.append(ExportRow(name, path.name, _size(path), acc, diff, latency, throughput))
     _write_reports(out, rows, threads)

@@ -64,16 +64,14 @@ def write_json(path: Path, data: Any, compact: bool = False) -> None:
     path.write_text(text + "\n")
 
 
-def save_model(
-    path: Path, model: nn.Module, cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int
-) -> None:
-    """State dict plus everything needed to rebuild the model (config inside, as nanoGPT)."""
+def save_model(path: Path, model: nn.Module, cfg: RunConfig, input_shape: tuple[int, ...]) -> None:
+    """State dict plus what rebuilds the model: the config (its task builds it, as
+    nanoGPT keeps its config inside) and one input's shape (for export)."""
     torch.save(
         {
             "state_dict": model.state_dict(),
             "config": config_to_dict(cfg),
             "input_shape": list(input_shape),
-            "num_classes": num_classes,
         },
         path,
     )

@@ -19,17 +19,16 @@ from fedpipe.codec import Encoded, build_codec
 from fedpipe.config import RunConfig
 from fedpipe.crypto.keys import load_aggregator_key
 from fedpipe.crypto.seal import Binding, open_sealed
-from fedpipe.data import load_dataset
+from fedpipe.data import Split
 from fedpipe.grid import BoundedGrid
 from fedpipe.metrics import MetricsLog
-from fedpipe.models import build_model
 from fedpipe.progress import RoundProgress
 from fedpipe.records import config_from_run_config
 from fedpipe.rounds.engine import RoundPlan
 from fedpipe.rundir import METRICS_FILE, MODEL_FILE, SUMMARY_FILE, save_model, write_json
 from fedpipe.seed import set_seed
 from fedpipe.strategy import CodecStrategy, build_strategy, streams
-from fedpipe.training import evaluate
+from fedpipe.task import TaskContext, as_split, load_task
 
 __all__ = ["make_server_app", "run_server"]
 
@@ -56,6 +55,11 @@ def _report(run_dir: Path) -> None:
         log.warning("could not write the report for %s: %s", run_dir, exc)
 
 
+def _input_shape(test: Split | None) -> tuple[int, ...]:
+    """One input's shape, saved with the model for export (empty without test data)."""
+    return tuple(test.x.shape[1:]) if test is not None else ()
+
+
 def _opener(run_id: int, key: X25519PrivateKey) -> Opener:
     def open_payload(encoded: Encoded, server_round: int, node: int) -> Encoded:
         return open_sealed(encoded, key, Binding(run_id, server_round, node))
@@ -78,10 +82,14 @@ def run_server(
     """
     t0 = time.perf_counter()
     set_seed(cfg.seed)
-    data = load_dataset(cfg.data)
-    if len(data.test) == 0:
-        raise ValueError(f"dataset {data.name!r} has no test split for centralized evaluation")
-    model = build_model(cfg.model, data.input_shape, data.num_classes)  # seeded init
+    task = load_task(cfg.task)
+    ctx = TaskContext(cfg, None, {})
+    model = task.model(ctx)  # seeded init
+    test = task.test_data(ctx)
+    if test is None:
+        log.warning("task %s has no test_data: no centralized evaluation", task.name)
+    else:
+        test = as_split(test, f"{task.name}.test_data")  # once, not every round
     inner = build_strategy(cfg.federation)
     view = RoundProgress(cfg.federation.rounds, tensorboard_dir=run_dir / "tensorboard")
     metrics = MetricsLog(run_dir / METRICS_FILE, cfg.federation.rounds, view=view.update)
@@ -96,9 +104,11 @@ def run_server(
         done = ckpt.round
         log.info("resuming %s after round %d of %d", run_dir, done, cfg.federation.rounds)
 
-    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if test is None:
+            return None
         model.load_state_dict(arrays.to_torch_state_dict())
-        loss, acc = evaluate(model, data.test)
+        loss, acc = task.evaluate(model, test, ctx)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
     strategy = CodecStrategy(
@@ -135,7 +145,7 @@ def run_server(
                 evaluate_fn=central_evaluate,
             )
         model.load_state_dict(result.arrays.to_torch_state_dict())
-    save_model(run_dir / MODEL_FILE, model, cfg, data.input_shape, data.num_classes)
+    save_model(run_dir / MODEL_FILE, model, cfg, _input_shape(test))
     summary = metrics.summary(time.perf_counter() - t0)
     write_json(run_dir / SUMMARY_FILE, summary)
     _report(run_dir)

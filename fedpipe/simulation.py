@@ -33,6 +33,7 @@ from fedpipe.rundir import (
     write_json,
 )
 from fedpipe.sim import CohortGrid, CohortWorker, InProcessPool, RayPool, WorkerPool
+from fedpipe.task import load_task
 
 __all__ = ["RunFailed", "SimulationResult", "offline_env", "quiet_flower", "run_simulation"]
 
@@ -132,8 +133,10 @@ def run_simulation(cfg: RunConfig, run_dir: Path | None = None) -> SimulationRes
     any round finished: a failed start leaves nothing behind.
     """
     offline_env()
-    # Fail on a missing dataset or impossible partition before Ray starts.
-    load_dataset(cfg.data)
+    if not cfg.task:  # fedpipe's datasets: fail on a missing one before Ray starts
+        load_dataset(cfg.data)
+    else:  # a task that cannot be imported fails here, not in every worker
+        load_task(cfg.task)
     if run_dir is not None:
         return _simulate(cfg, run_dir)
     made_output_dir = not Path(cfg.output_dir).exists()
@@ -157,7 +160,8 @@ def run_simulation(cfg: RunConfig, run_dir: Path | None = None) -> SimulationRes
 
 
 def _simulate(cfg: RunConfig, run_dir: Path) -> SimulationResult:
-    write_partition_info(cfg, run_dir)
+    if not cfg.task:  # fedpipe's partition of its datasets: who holds which labels
+        write_partition_info(cfg, run_dir)
 
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from flwr.app import Context, RecordDict
@@ -179,7 +183,7 @@ def _simulate(cfg: RunConfig, run_dir: Path) -> SimulationResult:
     )
     run_id = secrets.randbits(62)
     threads = max(1, int(cfg.simulation.cpus_per_client))
-    prepare = partial(_prepare_data, cfg)
+    prepare = partial(_prepare_data, cfg) if not cfg.task else None
     make_worker = partial(CohortWorker, app, run_id, cfg.partition.num_clients, threads, prepare)
     started_ray = cfg.simulation.backend == "ray" and _connect_ray(cfg)
     try:

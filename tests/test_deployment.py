@@ -325,3 +325,25 @@ def _check_canary_aggregated(d: Deployment, run: Path) -> None:
     ]
     moved = after - start[first].numpy().reshape(-1)[:16]
     np.testing.assert_allclose(moved, np.array(CANARY) * sizes[0] / sum(sizes), atol=0.5)
+
+
+@pytest.mark.parametrize("deployment", [2], indirect=True)
+def test_a_user_task_package_runs_on_real_devices(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """task = user_task.task (tests/user_task, on every process's import path as a user's
+    installed package would be): its model, data and loop on the devices, its test set
+    at the coordinator."""
+    here = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    )
+    d = deployment
+    args = ["federation.rounds=2", "federation.min_nodes=2", "federation.round_timeout=60"]
+    server = d.server(*args, "task='user_task.task'", *SERVER_ARGS, *d.common)
+    clients = [d.client(i) for i in range(2)]
+    assert server.wait(300) == 0, d.log("server.log")
+    rounds = read_metrics(d.run_dir() / METRICS_FILE)
+    assert [r["clients_replied"] for r in rounds] == [2, 2]
+    assert rounds[-1]["accuracy"] > 0.9
+    assert all(c.poll() is None for c in clients)

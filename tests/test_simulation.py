@@ -70,7 +70,7 @@ def test_cli_runs_two_rounds_counts_a_failing_client_and_leaves_no_process(
 
     assert load_config(run_dir / CONFIG_FILE).simulation.fail_clients == (2,)
     saved = torch.load(run_dir / MODEL_FILE)
-    assert saved["config"]["model"]["hidden"] == 16 and saved["num_classes"] == 10
+    assert saved["config"]["model"]["hidden"] == 16 and saved["input_shape"] == [1, 8, 8]
     assert json.loads((run_dir / PARTITION_FILE).read_text())["num_clients"] == 3
 
     stdout = capsys.readouterr().out

@@ -1,0 +1,1 @@
+"""A user's task package, outside fedpipe: imported by name (`task = "user_task.task"`)."""
