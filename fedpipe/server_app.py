@@ -9,9 +9,11 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from torch.utils.data import Dataset
 
 from fedpipe.boundary import Opener
 from fedpipe.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_strategy, save_checkpoint
@@ -28,7 +30,7 @@ from fedpipe.rounds.engine import RoundPlan
 from fedpipe.rundir import METRICS_FILE, MODEL_FILE, SUMMARY_FILE, save_model, write_json
 from fedpipe.seed import set_seed
 from fedpipe.strategy import CodecStrategy, build_strategy, streams
-from fedpipe.task import TaskContext, as_split, load_task
+from fedpipe.task import TaskContext, load_task
 
 __all__ = ["make_server_app", "run_server"]
 
@@ -55,9 +57,13 @@ def _report(run_dir: Path) -> None:
         log.warning("could not write the report for %s: %s", run_dir, exc)
 
 
-def _input_shape(test: Split | None) -> tuple[int, ...]:
+def _input_shape(test: Split | Dataset | None) -> tuple[int, ...]:  # type: ignore[type-arg]
     """One input's shape, saved with the model for export (empty without test data)."""
-    return tuple(test.x.shape[1:]) if test is not None else ()
+    if test is None:
+        return ()
+    if isinstance(test, Split):
+        return tuple(test.x.shape[1:])
+    return tuple(torch.as_tensor(test[0][0]).shape)
 
 
 def _opener(run_id: int, key: X25519PrivateKey) -> Opener:
@@ -88,8 +94,6 @@ def run_server(
     test = task.test_data(ctx)
     if test is None:
         log.warning("task %s has no test_data: no centralized evaluation", task.name)
-    else:
-        test = as_split(test, f"{task.name}.test_data")  # once, not every round
     inner = build_strategy(cfg.federation)
     view = RoundProgress(cfg.federation.rounds, tensorboard_dir=run_dir / "tensorboard")
     metrics = MetricsLog(run_dir / METRICS_FILE, cfg.federation.rounds, view=view.update)

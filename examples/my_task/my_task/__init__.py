@@ -1,0 +1,1 @@
+"""An example fedpipe task package (see task.py)."""
