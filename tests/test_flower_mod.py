@@ -1,19 +1,31 @@
 """fedpipe in a Flower app written Flower's way: `fedpipe_mod` on its ClientApp and
 `compress` around its strategy; nothing else in the app changes.
 
-The app (tests/flower_idiom_app.py) is called in-process for each node through a Grid
-that hands every message to the ClientApp with its mods, as Flower's runtime does.
+The app is examples/flower_app (Flower's project layout), called in-process for each
+node through a Grid that hands every message to the ClientApp with its mods, as
+Flower's runtime does.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 from uuid import uuid4
 
 import numpy as np
 import pytest
-from flower_idiom_app import Net, evaluate_model, held_out, make_app
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAvg
@@ -21,7 +33,12 @@ from flwr.serverapp.strategy import FedAvg
 from fedpipe.config import CodecConfig, DownlinkConfig
 from fedpipe.flower import compress, fedpipe_mod
 from fedpipe.metrics import RoundRecord
-from fedpipe.records import CODEC, UPDATE
+from fedpipe.records import ARRAYS, CODEC, CONFIG, UPDATE
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "flower_app"))
+from flower_app.client_app import app as example_app  # noqa: E402
+from flower_app.task import Net, load_data, load_test  # noqa: E402
+from flower_app.task import test as evaluate_net  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 NODES = 4
@@ -32,8 +49,9 @@ class AppGrid:
 
     def __init__(self, app: ClientApp, nodes: int = NODES) -> None:
         self.app = app
+        run_config = {"local-epochs": 2}
         self.contexts = {
-            n: Context(1, n, {"partition-id": n, "num-partitions": nodes}, RecordDict(), {})
+            n: Context(1, n, {"partition-id": n, "num-partitions": nodes}, RecordDict(), run_config)
             for n in range(nodes)
         }
         self._waiting: list[Message] = []
@@ -66,7 +84,7 @@ class AppGrid:
 def _central(rnd: int, arrays: ArrayRecord) -> MetricRecord:
     model = Net()
     model.load_state_dict(arrays.to_torch_state_dict())
-    loss, acc = evaluate_model(model, *held_out())
+    loss, acc = evaluate_net(model, *load_test())
     return MetricRecord({"accuracy": acc, "loss": loss})
 
 
@@ -75,7 +93,7 @@ def test_a_flower_app_with_the_mod_and_the_wrapper_sends_int4_updates_and_learns
     fedpipe-encoded (measured bits per parameter), the app's own evaluation metrics are
     averaged, and the model learns digits (MLP, 4 clients, 4 rounds)."""
     records: list[RoundRecord] = []
-    grid = AppGrid(make_app(mods=[fedpipe_mod]))
+    grid = AppGrid(example_app)
     strategy = compress(
         FedAvg(fraction_train=1.0, fraction_evaluate=0.5),
         CodecConfig(scheme="int4", error_feedback=True),
@@ -105,16 +123,13 @@ def test_a_flower_app_with_the_mod_and_the_wrapper_sends_int4_updates_and_learns
 
 
 def test_a_handler_that_replies_with_the_wrong_shape_is_a_clear_counted_error() -> None:
-    app = make_app(mods=[fedpipe_mod])
     broken = ClientApp(mods=[fedpipe_mod])
 
     @broken.train()
     def train(msg: Message, context: Context) -> Message:
-        reply = app(msg, context)  # the honest app, then one array cut short
         arrays = ArrayRecord(Net().state_dict())
-        arrays["fc2.bias"] = Array(np.zeros(3, np.float32))
+        arrays["fc2.bias"] = Array(np.zeros(3, np.float32))  # one array cut short
         metrics = MetricRecord({"num-examples": 10})
-        del reply
         return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
     grid = AppGrid(broken, nodes=3)
@@ -125,3 +140,14 @@ def test_a_handler_that_replies_with_the_wrong_shape_is_a_clear_counted_error() 
     errors = [r.error.reason for r in grid.replies if r.has_error()]
     assert len(errors) == 3
     assert all("@app.train() handler" in e and "'fc2.bias' of shape (3,)" in e for e in errors)
+
+
+def test_with_a_plain_flower_server_the_mod_passes_messages_through() -> None:
+    """No fedpipe codec announced: the app answers exactly as it would without the mod."""
+    content = RecordDict(
+        {ARRAYS: ArrayRecord(Net().state_dict()), CONFIG: ConfigRecord({"server-round": 1})}
+    )
+    msg = Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
+    reply = example_app(msg, AppGrid(example_app).contexts[0])
+    assert set(reply.content.array_records) == {ARRAYS}
+    assert reply.content.metric_records["metrics"]["num-examples"] == len(load_data(0, NODES)[1])

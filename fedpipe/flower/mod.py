@@ -13,6 +13,8 @@ app (`ClientApp(mods=[fedpipe_mod])`), the mod:
 
 The handler's own code does not change. What it gets wrong (no weights, other shapes,
 no example count) is an error naming the handler, sent back as Flower's error reply.
+Messages from a server that announces no fedpipe codec (plain Flower) pass through
+untouched, so the same ClientApp serves both.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from fedpipe.codec import build_codec
 from fedpipe.config import DownlinkConfig
 from fedpipe.downlink import HEADER, receive
 from fedpipe.downlink.wire import DIFF
-from fedpipe.flower.spec import announced
+from fedpipe.flower.spec import PREFIX, announced
 from fedpipe.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SERVER_ROUND
 from fedpipe.seed import client_seed
 
@@ -92,9 +94,12 @@ def _trained(
 def fedpipe_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """A Flower mod: see the module docstring."""
     kind = msg.metadata.message_type
-    if kind not in (MessageType.TRAIN, MessageType.EVALUATE):
+    config = msg.content.config_records.get(CONFIG, ConfigRecord()) if msg.has_content() else {}
+    if kind not in (MessageType.TRAIN, MessageType.EVALUATE) or not any(
+        k.startswith(PREFIX) for k in config
+    ):  # not fedpipe's business, or a plain Flower server: the app answers as it is
         return call_next(msg, context)
-    codec, downlink = announced(msg.content.config_records.get(CONFIG, ConfigRecord()))
+    codec, downlink = announced(config)
     sent = _plain(msg, context, downlink)
     if kind == MessageType.EVALUATE:
         return call_next(msg, context)
