@@ -32,7 +32,7 @@ from fedpipe.seed import set_seed
 from fedpipe.strategy import CodecStrategy, build_strategy, streams
 from fedpipe.task import TaskContext, load_task
 
-__all__ = ["make_server_app", "run_server"]
+__all__ = ["make_opener", "make_server_app", "run_server"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,9 @@ def _input_shape(test: Split | Dataset | None) -> tuple[int, ...]:  # type: igno
     return tuple(torch.as_tensor(test[0][0]).shape)
 
 
-def _opener(run_id: int, key: X25519PrivateKey) -> Opener:
+def make_opener(run_id: int, key: X25519PrivateKey) -> Opener:
+    """Opens a sealed update for (round, node) of run `run_id` with the aggregator key."""
+
     def open_payload(encoded: Encoded, server_round: int, node: int) -> Encoded:
         return open_sealed(encoded, key, Binding(run_id, server_round, node))
 
@@ -124,7 +126,7 @@ def run_server(
             run_dir / CHECKPOINT_FILE, rnd, arrays, inner
         ),
         round_offset=done,
-        opener=_opener(*seal) if seal is not None else None,
+        opener=make_opener(*seal) if seal is not None else None,
         bounds=cfg.bounds,
         streaming=streams(cfg.federation),
         plan=RoundPlan(

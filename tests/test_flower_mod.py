@@ -15,6 +15,7 @@ from uuid import uuid4
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -30,7 +31,9 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAvg
 
+from fedpipe.client_app import AGGREGATOR_KEY
 from fedpipe.config import CodecConfig, DownlinkConfig
+from fedpipe.crypto.seal import SEALED, public_bytes
 from fedpipe.flower import compress, fedpipe_mod
 from fedpipe.metrics import RoundRecord
 from fedpipe.records import ARRAYS, CODEC, CONFIG, UPDATE
@@ -151,3 +154,31 @@ def test_with_a_plain_flower_server_the_mod_passes_messages_through() -> None:
     reply = example_app(msg, AppGrid(example_app).contexts[0])
     assert set(reply.content.array_records) == {ARRAYS}
     assert reply.content.metric_records["metrics"]["num-examples"] == len(load_data(0, NODES)[1])
+
+
+def test_sealed_updates_from_a_flower_app_open_only_at_the_aggregator() -> None:
+    """compress(seal=(run_id, key)); each device's node config holds the public key: the
+    replies on the wire are sealed (no update arrays in clear) and the round aggregates."""
+    key = X25519PrivateKey.generate()
+    grid = AppGrid(example_app, nodes=3)
+    for ctx in grid.contexts.values():
+        ctx.node_config[AGGREGATOR_KEY] = public_bytes(key.public_key()).hex()
+    records: list[RoundRecord] = []
+    strategy = compress(
+        FedAvg(fraction_evaluate=0.0),
+        CodecConfig(scheme="int8"),
+        on_round_end=records.append,
+        wait_s=5,
+        seal=(1, key),
+    )
+    strategy.start(grid, ArrayRecord(Net().state_dict()), num_rounds=2, timeout=30)  # type: ignore[arg-type]
+    assert [r.clients_replied for r in records] == [3, 3]
+    trained = [r for r in grid.replies if UPDATE in r.content.array_records]
+    assert trained and all(set(r.content.array_records[UPDATE]) == {SEALED} for r in trained)
+    # the same devices without the key are refused with the reason, not accepted in clear
+    for ctx in grid.contexts.values():
+        del ctx.node_config[AGGREGATOR_KEY]
+    grid.replies.clear()
+    strategy = compress(FedAvg(fraction_evaluate=0.0), wait_s=5, seal=(1, key))
+    strategy.start(grid, ArrayRecord(Net().state_dict()), num_rounds=1, timeout=30)  # type: ignore[arg-type]
+    assert all("no aggregator public key" in r.error.reason for r in grid.replies)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
 
 from fedpipe.codec import build_codec
@@ -27,6 +28,7 @@ from fedpipe.config import BoundsConfig, CodecConfig, DownlinkConfig
 from fedpipe.flower.spec import announce
 from fedpipe.metrics import RoundRecord
 from fedpipe.rounds.engine import RoundPlan
+from fedpipe.server_app import make_opener
 from fedpipe.strategy import CodecStrategy
 
 __all__ = ["compress"]
@@ -61,13 +63,18 @@ def compress(  # noqa: PLR0913 - each part has a default
     seed: int = 0,
     on_round_end: Callable[[RoundRecord], None] | None = None,
     wait_s: float = 300.0,
+    seal: tuple[int, X25519PrivateKey] | None = None,
 ) -> CodecStrategy:
     """`strategy` inside fedpipe's engine (see the module docstring); `on_round_end`
     receives each round's record (bytes and bits per parameter both ways, rejections);
     a round waits at most `wait_s` for the strategy's minimum number of nodes.
 
     Nodes are sampled by node id, as Flower does: the app's ClientApp need not say
-    which client it is (fedpipe's own apps do, so that samples follow client ids)."""
+    which client it is (fedpipe's own apps do, so that samples follow client ids).
+
+    `seal` = (the ServerApp context's run_id, the aggregator's private key): only
+    updates sealed to it for this run are accepted, and devices without the key are
+    told why (their node config needs `aggregator-key`, the public key in hex)."""
     codec = codec or CodecConfig()
     downlink = downlink or DownlinkConfig()
     plan = _take_sampling(strategy)
@@ -87,4 +94,5 @@ def compress(  # noqa: PLR0913 - each part has a default
             identify=False,  # the app's ClientApp answers train and evaluate only
         ),
         announce=announce(codec, downlink),
+        opener=make_opener(*seal) if seal is not None else None,
     )
