@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
@@ -36,6 +37,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy = compress(
             strategy, codec, DownlinkConfig(str(cfg["downlink"])), on_round_end=records.append
         )
+    torch.manual_seed(int(cfg["seed"]))  # the same initial model in every run
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(Net().state_dict()),
