@@ -197,6 +197,13 @@ def test_missing_data_is_one_line(
     assert why in line and "fedpipe partition" in line
 
 
+def test_no_data_and_no_client_id_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --data (a task package reading its own data) the device must say who it is."""
+    argv = ["--superlink", "127.0.0.1:9", "--insecure", "--max-wait", "0"]
+    line = fails(client_main, argv, capsys)
+    assert "pass --client-id" in line
+
+
 # ---- 3. files that cannot be written -------------------------------------------------------
 
 

@@ -67,6 +67,7 @@ class Deployment:
         port: int | None = None,
         extra: tuple[str, ...] = (),
         sealed: bool = True,
+        data: bool = True,  # False: the run's task reads the device's data itself
     ) -> subprocess.Popen[str]:
         auth = ["--auth-key", str(key)] if key else []
         net = (
@@ -86,8 +87,11 @@ class Deployment:
                 else []
             ),
             *rest,
-            "--data",
-            str(self.shards / f"client-{i}.npz"),
+            *(
+                ["--data", str(self.shards / f"client-{i}.npz")]
+                if data
+                else ["--client-id", str(i)]
+            ),
             "--state-dir",
             str(self.root / f"device-{i}"),
             "--max-wait",
@@ -341,7 +345,7 @@ def test_a_user_task_package_runs_on_real_devices(
     d = deployment
     args = ["federation.rounds=2", "federation.min_nodes=2", "federation.round_timeout=60"]
     server = d.server(*args, "task='user_task.task'", *SERVER_ARGS, *d.common)
-    clients = [d.client(i) for i in range(2)]
+    clients = [d.client(i, data=False) for i in range(2)]  # no shard: the task's own data
     assert server.wait(300) == 0, d.log("server.log")
     rounds = read_metrics(d.run_dir() / METRICS_FILE)
     assert [r["clients_replied"] for r in rounds] == [2, 2]

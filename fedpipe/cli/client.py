@@ -21,7 +21,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--superlink", type=address, required=True, help="coordinator address, host:port"
     )
-    p.add_argument("--data", type=Path, required=True, help="this device's shard (.npz)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="this device's shard (.npz) for fedpipe's built-in task; omit it (and pass "
+        "--client-id) when the run's task package reads the device's data itself",
+    )
     tls = p.add_mutually_exclusive_group()
     tls.add_argument("--root-certificates", type=Path, help="the coordinator's CA certificate")
     tls.add_argument("--insecure", action="store_true", help="no TLS (test networks only)")

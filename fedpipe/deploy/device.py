@@ -15,7 +15,7 @@ import time
 import zipfile
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -60,7 +60,9 @@ class DeviceError(RuntimeError):
 @dataclass(frozen=True)
 class DeviceOptions:
     superlink: str  # host:port of the coordinator
-    data: Path  # the device's shard (.npz), or a folder holding it
+    # the device's shard (.npz) or a folder holding it, for fedpipe's built-in task;
+    # None: the run's task reads the device's data itself (then client_id is needed)
+    data: Path | None
     root_certificates: Path | None = None  # the coordinator's CA certificate (pinned)
     insecure: bool = False
     profile: Path | None = None
@@ -151,11 +153,15 @@ def _folder_problem(count: int, client_id: int | None) -> str:
 
 def node_config(opts: DeviceOptions) -> dict[str, Any]:
     """What the ClientApp reads from context.node_config on this device."""
-    data = shard_file(opts.data, opts.client_id)
-    opts = replace(opts, data=data)
-    client_id = _load_shard(opts.data, opts.client_id)
+    config: dict[str, Any]
+    if opts.data is None:  # a task package's own data: only who this device is
+        if opts.client_id is None:
+            raise DeviceError("without --data (a task that reads its own data), pass --client-id")
+        config = {"client-id": opts.client_id}
+    else:
+        data = shard_file(opts.data, opts.client_id)
+        config = {"client-id": _load_shard(data, opts.client_id), DATA_PATH: str(data.resolve())}
     settings = load_profile(opts.profile) if opts.profile else {}
-    config: dict[str, Any] = {"client-id": client_id, DATA_PATH: str(opts.data.resolve())}
     config.update(settings)
     if opts.aggregator_key is not None:
         try:
