@@ -146,9 +146,9 @@ class Broadcaster:
 
     # -- what each device gets ----------------------------------------------------------
 
-    def plan(self, node: int) -> int:
-        """The version the node's message starts from: -1 for the whole model."""
-        held = self._held.get(node)
+    def _start(self, held: int | None) -> int:
+        """The version a message to a device holding `held` starts from (-1: the whole
+        model): nothing new, the chain of changes, or the model when that is smaller."""
         if held is None or held > self.version:
             return -1
         if held == self.version:
@@ -169,10 +169,14 @@ class Broadcaster:
         each message on its own either way; the server builds each content once).
         """
         by_start: dict[int, RecordDict] = {}
+        starts: dict[int | None, int] = {}  # held version -> start: one chain sum each
         out: dict[int, RecordDict] = {}
         common = {k: v for k, v in base.items() if k != ARRAYS}
         for node in nodes:
-            start = self.plan(node)
+            held = self._held.get(node)
+            if held not in starts:
+                starts[held] = self._start(held)
+            start = starts[held]
             self._count(start, counts)
             if start not in by_start:
                 by_start[start] = self._content(common, start)
