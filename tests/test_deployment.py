@@ -331,23 +331,30 @@ def _check_canary_aggregated(d: Deployment, run: Path) -> None:
     np.testing.assert_allclose(moved, np.array(CANARY) * sizes[0] / sum(sizes), atol=0.5)
 
 
+TASKS = {  # task -> (folder on every process's import path, accuracy after 3 rounds)
+    "user_task.task": (Path(__file__).resolve().parent, 0.9),
+    "my_task.task": (Path(__file__).resolve().parents[1] / "examples" / "my_task", 0.75),
+}
+
+
 @pytest.mark.parametrize("deployment", [2], indirect=True)
-def test_a_user_task_package_runs_on_real_devices(
-    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("task", list(TASKS))
+def test_a_task_package_runs_on_real_devices(
+    deployment: Deployment, task: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """task = user_task.task (tests/user_task, on every process's import path as a user's
-    installed package would be): its model, data and loop on the devices, its test set
-    at the coordinator."""
-    here = str(Path(__file__).resolve().parent)
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
-    )
+    """tests/user_task (a task defined outside fedpipe) and examples/my_task, each on the
+    import path of every process as an installed package would be: its model, data and
+    loop on the devices (which have no shard: --client-id only), its test set at the
+    coordinator."""
+    folder, bar = TASKS[task]
+    path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+    monkeypatch.setenv("PYTHONPATH", path)
     d = deployment
-    args = ["federation.rounds=2", "federation.min_nodes=2", "federation.round_timeout=60"]
-    server = d.server(*args, "task='user_task.task'", *SERVER_ARGS, *d.common)
-    clients = [d.client(i, data=False) for i in range(2)]  # no shard: the task's own data
+    args = ["federation.rounds=3", "federation.min_nodes=2", "federation.round_timeout=60"]
+    server = d.server(*args, f"task='{task}'", *SERVER_ARGS, *d.common)
+    clients = [d.client(i, data=False) for i in range(2)]
     assert server.wait(300) == 0, d.log("server.log")
     rounds = read_metrics(d.run_dir() / METRICS_FILE)
-    assert [r["clients_replied"] for r in rounds] == [2, 2]
-    assert rounds[-1]["accuracy"] > 0.9
+    assert [r["clients_replied"] for r in rounds] == [2, 2, 2]
+    assert rounds[-1]["accuracy"] > bar
     assert all(c.poll() is None for c in clients)
