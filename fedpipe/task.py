@@ -14,7 +14,7 @@ each taking a `TaskContext`:
 `fedpipe.builtin_task` is fedpipe's own registry models and datasets on this API (the
 default), so a user task and the built-ins take one path: the ClientApp, the ServerApp,
 simulation and deployment call only these functions. A Dataset given to fedpipe's
-default loops is read once into tensors (per-epoch augmentation needs your own `train`).
+default loops is read into tensors (per-epoch augmentation needs your own `train`).
 
 A task function that raises, or returns the wrong kind of thing (a model whose weights
 do not fit the global model, data that is not data), fails with a TaskError naming it.
@@ -89,6 +89,9 @@ class Task:
         if missing:
             raise TaskError(f"task {self.name!r} has no function {' or '.join(missing)}")
         self._module = module
+        # The last Dataset fedpipe's default evaluate read into tensors (the coordinator
+        # evaluates the same test set every round: read it once).
+        self._read: tuple[object, Split] | None = None
 
     def _fn(self, name: str) -> Callable[..., Any] | None:
         fn = getattr(self._module, name, None)
@@ -160,7 +163,10 @@ class Task:
 
     def evaluate(self, model: nn.Module, data: Data, ctx: TaskContext) -> tuple[float, float]:
         if self._fn("evaluate") is None:
-            return fedpipe_evaluate(model, as_split(data, f"{self.name} data"), device=ctx.device)
+            read = self._read  # one read, in case a server and a client share the task
+            if read is None or read[0] is not data:
+                read = self._read = (data, as_split(data, f"{self.name} data"))
+            return fedpipe_evaluate(model, read[1], device=ctx.device)
         out = self._call("evaluate", model, data, ctx)
         try:
             loss, accuracy = (float(v) for v in out)

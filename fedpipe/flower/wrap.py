@@ -6,8 +6,8 @@ In a ServerApp written the Flower way, replace
 
 with
 
-    result = compress(FedAvg(fraction_train=0.5), CodecConfig("int4", error_feedback=True))
-    .start(grid=grid, initial_arrays=arrays, ...)
+    strategy = compress(FedAvg(fraction_train=0.5), CodecConfig("int4", error_feedback=True))
+    result = strategy.start(grid=grid, initial_arrays=arrays, ...)
 
 and add `fedpipe_mod` to the ClientApp. fedpipe's engine then samples the round (the
 strategy's own fractions and minimums, reproducibly from `seed`), announces the codecs
