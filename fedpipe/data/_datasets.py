@@ -195,7 +195,9 @@ def _load_user(cfg: DataConfig) -> TensorDataset:
     """An image folder or a table (fedpipe.data._userdata)."""
     load = load_image_folder if cfg.dataset == "imagefolder" else load_table
     x, y, x_test, y_test, num_classes = load(cfg)
-    return TensorDataset(Path(cfg.path).stem, Split(x, y), Split(x_test, y_test), num_classes)
+    x_train, x_held = _standardise(torch.from_numpy(x), torch.from_numpy(x_test))
+    train, test = Split(x_train, torch.from_numpy(y)), Split(x_held, torch.from_numpy(y_test))
+    return TensorDataset(Path(cfg.path).stem, train, test, num_classes)
 
 
 def _missing(cfg: DataConfig, name: str, folder: str, what: str) -> None:

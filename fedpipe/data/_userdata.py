@@ -13,7 +13,8 @@ Both become the same in-memory tensors as the registry datasets, so partitioning
 
 Without a separate test set (`<path>/test`, `data.test_path`) a fixed `data.test_fraction`
 of the examples is held out, drawn independently of the run seed so every run is
-evaluated on the same examples. Features are standardised with training statistics.
+evaluated on the same examples. The loaders return raw float32 arrays; `fedpipe.data`
+standardises them with training statistics as it does every dataset.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fedpipe.config import DataConfig
 
-__all__ = ["DataFormatError", "load_image_folder", "load_table"]
+__all__ = ["Arrays", "DataFormatError", "load_image_folder", "load_table"]
+
+# x_train, y_train, x_test, y_test (float32 features, int64 labels), number of classes
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
 
 _HOLDOUT_SEED = 1234  # the held-out examples never depend on the run
 
@@ -40,17 +43,6 @@ def _holdout(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(_HOLDOUT_SEED).permutation(n)
     cut = n - int(round(fraction * n))
     return order[:cut], order[cut:]
-
-
-def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero mean, unit variance per feature (per channel for images), from train only."""
-    axes = (0,) if train.ndim == 2 else tuple(d for d in range(train.ndim) if d != 1)
-    mean = train.mean(axis=axes, keepdims=True)
-    std = np.maximum(train.std(axis=axes, keepdims=True), 1e-6)
-    return (
-        torch.from_numpy(((train - mean) / std).astype(np.float32)),
-        torch.from_numpy(((test - mean) / std).astype(np.float32)),
-    )
 
 
 # -- image folders ----------------------------------------------------------------------
@@ -88,9 +80,7 @@ def _read_images(
     return np.stack(images), np.asarray(labels, np.int64), list(ds.classes)
 
 
-def load_image_folder(
-    cfg: DataConfig,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def load_image_folder(cfg: DataConfig) -> Arrays:
     """(x_train, y_train, x_test, y_test, number of classes) from an image folder."""
     root = Path(cfg.path)
     if not root.is_dir():
@@ -105,8 +95,7 @@ def load_image_folder(
         x_all, y_all, classes = _read_images(root, cfg, None)
         tr, te = _holdout(len(y_all), cfg.test_fraction)
         x, y, x_test, y_test = x_all[tr], y_all[tr], x_all[te], y_all[te]
-    xt, xe = _standardise(x, x_test)
-    return xt, torch.from_numpy(y), xe, torch.from_numpy(y_test), len(classes)
+    return x.astype(np.float32), y, x_test.astype(np.float32), y_test, len(classes)
 
 
 # -- tables -----------------------------------------------------------------------------
@@ -172,9 +161,7 @@ def _class_names(raw: list[str]) -> list[str]:
         return sorted(unique)
 
 
-def load_table(
-    cfg: DataConfig,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def load_table(cfg: DataConfig) -> Arrays:
     """(x_train, y_train, x_test, y_test, number of classes) from a CSV or Parquet table."""
     x, y, classes = _table(Path(cfg.path), cfg, None)
     if cfg.test_path:
@@ -182,5 +169,4 @@ def load_table(
     else:
         tr, te = _holdout(len(y), cfg.test_fraction)
         x, y, x_test, y_test = x[tr], y[tr], x[te], y[te]
-    xt, xe = _standardise(x, x_test)
-    return xt, torch.from_numpy(y), xe, torch.from_numpy(y_test), len(classes)
+    return x.astype(np.float32), y, x_test.astype(np.float32), y_test, len(classes)
