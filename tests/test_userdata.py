@@ -95,7 +95,8 @@ def test_a_csv_table_reads_names_as_classes_and_standardises_features(tmp_path: 
     assert ds.num_classes == 3 and ds.input_shape == (4,)
     assert (len(ds.train), len(ds.test)) == (240, 60)
     x = ds.train.x.numpy()
-    assert np.allclose(x.mean(axis=0), 0, atol=1e-5) and np.allclose(x.std(axis=0, ddof=1), 1, atol=1e-3)
+    assert np.allclose(x.mean(axis=0), 0, atol=1e-5)
+    assert np.allclose(x.std(axis=0, ddof=1), 1, atol=1e-3)
 
 
 def test_a_parquet_table_reads_like_the_csv(tmp_path: Path) -> None:
