@@ -25,9 +25,11 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DownlinkConfig",
+    "ExportConfig",
     "FederationConfig",
     "ModelConfig",
     "PartitionConfig",
+    "ReleaseConfig",
     "RunConfig",
     "SecAggConfig",
     "SecurityConfig",
@@ -131,9 +133,13 @@ class PartitionConfig:
     min_size: int = 10
     # "shards": number of distinct classes each client holds.
     classes_per_client: int = 2
+    # The fraction of each client's shard it keeps for federated evaluation and never
+    # trains on (its own held-out split; 0: federated evaluation uses the training shard).
+    holdout: float = 0.0
 
     def __post_init__(self) -> None:
         _choice(self.SECTION, "scheme", self.scheme, PARTITIONERS)
+        _range(self.SECTION, "holdout", self.holdout, 0.0, 0.5)
         _range(self.SECTION, "num_clients", self.num_clients, 1, 100_000)
         _range(self.SECTION, "alpha", self.alpha, 0.0, lo_open=True)
         _range(self.SECTION, "min_size", self.min_size, 0)
@@ -148,6 +154,9 @@ class ModelConfig:
     name: str = "mlp"
     # Width of the MLP hidden layers (ignored by other models).
     hidden: int = 64
+    # A previous run's directory: start from its global model instead of a fresh one
+    # (warm start; the run records that parent in lineage.json).
+    init: str = ""
 
     def __post_init__(self) -> None:
         _choice(self.SECTION, "name", self.name, MODELS)
@@ -462,6 +471,37 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """`fedpipe export`: the compressed artifacts beside float32 and int8."""
+
+    SECTION: ClassVar[str] = "export"
+    # Global magnitude pruning: the fraction of conv/linear weights set to zero.
+    prune_amount: float = 0.7
+    # Structured pruning: the fraction of each conv layer's output channels removed.
+    channel_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        _range(self.SECTION, "prune_amount", self.prune_amount, 0.0, 0.99)
+        _range(self.SECTION, "channel_fraction", self.channel_fraction, 0.0, 0.9)
+
+
+@dataclass(frozen=True)
+class ReleaseConfig:
+    """The bar `fedpipe export` holds a model to before it writes any artifact."""
+
+    SECTION: ClassVar[str] = "release"
+    # Centralized test accuracy of the float32 model (0: no bar).
+    min_accuracy: float = 0.0
+    # Centralized accuracy minus the worst device's accuracy on its own held-out split,
+    # in the last round with federated evaluation (1: no bar).
+    max_worst_client_drop: float = 1.0
+
+    def __post_init__(self) -> None:
+        _range(self.SECTION, "min_accuracy", self.min_accuracy, 0.0, 1.0)
+        _range(self.SECTION, "max_worst_client_drop", self.max_worst_client_drop, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole run: what is trained, on what, how, and where results go."""
 
@@ -485,6 +525,8 @@ class RunConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     bounds: BoundsConfig = field(default_factory=BoundsConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
 
     def __post_init__(self) -> None:
         _range("", "seed", self.seed, 0, 2**32 - 1)
