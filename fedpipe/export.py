@@ -8,7 +8,9 @@ engine): convolutions and linear layers run in int8, calibrated on training exam
 
 from __future__ import annotations
 
+import io
 import json
+import lzma
 import statistics
 import time
 import warnings
@@ -25,7 +27,7 @@ from fedpipe.data import Split
 from fedpipe.rundir import CONFIG_FILE, MODEL_FILE
 from fedpipe.task import TaskContext, as_split, load_task
 
-__all__ = ["ExportError", "ExportRow", "export_run", "load_run_model"]
+__all__ = ["ExportError", "ExportRow", "export_run", "load_artifact", "load_run_model"]
 
 EXPORT_DIR = "export"
 Module = Callable[[torch.Tensor], torch.Tensor]
@@ -108,8 +110,17 @@ def _torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> Module:
     with torch.no_grad():
         traced = torch.jit.trace(model, example)  # type: ignore[no-untyped-call]
     traced.save(str(path))
-    loaded: Module = torch.jit.load(str(path))  # type: ignore[no-untyped-call]
+    loaded: Module = load_artifact(path)
     return loaded
+
+
+def load_artifact(path: Path) -> torch.jit.ScriptModule:
+    """A TorchScript artifact as `fedpipe export` stored it: `.pt`, or `.pt.xz` (LZMA, for
+    the pruned ones, whose zeros only save bytes once compressed)."""
+    if path.suffix == ".xz":
+        data = io.BytesIO(lzma.decompress(path.read_bytes()))
+        return torch.jit.load(data, map_location="cpu")  # type: ignore[no-untyped-call,no-any-return]
+    return torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call,no-any-return]
 
 
 def _onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Module | None:
@@ -158,7 +169,7 @@ def export_run(run_dir: Path, force: bool = False, threads: int = 1) -> list[Exp
         acc, diff = _check(fn, model, test)
         latency, throughput = _speed(fn, example, x64)
         rows.append(ExportRow(name, path.name, _size(path), acc, diff, latency, throughput))
-    _write_reports(out, rows, threads)
+    _write_reports(out, rows, threads, shape)
     return rows
 
 
@@ -183,8 +194,10 @@ def markdown_table(rows: list[ExportRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_reports(out: Path, rows: list[ExportRow], threads: int) -> None:
-    info: dict[str, Any] = {"threads": threads, "torch": torch.__version__}
+def _write_reports(
+    out: Path, rows: list[ExportRow], threads: int, shape: tuple[int, ...]
+) -> None:
+    info: dict[str, Any] = {"threads": threads, "torch": torch.__version__, "input_shape": shape}
     (out / "export.json").write_text(
         json.dumps({**info, "artifacts": [asdict(r) for r in rows]}, indent=2) + "\n"
     )
