@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,6 +38,41 @@ def task_identity() -> Iterator[None]:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     yield
     TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None  # type: ignore[assignment]
+
+
+@pytest.fixture(scope="session")
+def digits_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Finished runs of 3 rounds on the digits data (3 clients, the default MLP, 3 local
+    epochs), one per update codec, each trained once per session on first use.
+
+    Shared: a test that changes a run (an export, a report) works on a copy.
+    """
+    from test_resume import InProcessGrid
+
+    from fedpipe.config import load_config
+    from fedpipe.rundir import create_run_dir
+    from fedpipe.server_app import run_server
+
+    made: dict[str, Path] = {}
+
+    def run(scheme: str) -> Path:
+        if scheme not in made:
+            TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+            cfg = load_config(
+                None,
+                [
+                    f"output_dir='{tmp_path_factory.mktemp(scheme)}'",
+                    "partition.num_clients=3",
+                    "federation.rounds=3",
+                    "federation.min_nodes=3",
+                    f"codec.scheme='{scheme}'",
+                ],
+            )
+            made[scheme] = create_run_dir(cfg)
+            run_server(InProcessGrid(cfg), cfg, made[scheme])  # type: ignore[arg-type]
+        return made[scheme]
+
+    return run
 
 
 def flower_processes() -> dict[int, str]:
