@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fedpipe.cli.args import Parser
+from fedpipe.cli.args import Parser, port
 from fedpipe.config import ConfigError, load_config
 from fedpipe.crypto import write_certs, write_node_key
 from fedpipe.crypto.keys import write_aggregator_keys
@@ -21,6 +21,7 @@ from fedpipe.data import (
     write_shards,
 )
 from fedpipe.errors import os_reason
+from fedpipe.serve import ServeConfig
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -63,6 +64,14 @@ def _export(args: argparse.Namespace) -> int:
     rows = export_run(Path(args.run), force=args.force, threads=args.threads)
     print(markdown_table(rows), end="")
     print(f"-> {Path(args.run) / 'export'}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fedpipe.serve import serve
+
+    fields = ServeConfig.__dataclass_fields__
+    serve(Path(args.run), ServeConfig(**{k: v for k, v in vars(args).items() if k in fields}))
     return 0
 
 
@@ -115,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="overwrite <run>/export")
     e.set_defaults(handler=_export)
 
+    _serve_parser(sub)
+
     s = sub.add_parser("partition", help="write one shard file per device from a dataset")
     s.add_argument("--config", help="run config naming data and partition")
     s.add_argument("--out", required=True, help="folder for client-<i>.npz")
@@ -122,6 +133,36 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(handler=_partition)
     return p
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    d = ServeConfig()
+    v = sub.add_parser("serve", help="an HTTP inference service for an exported model")
+    v.add_argument("run", metavar="RUN_DIR", help="a run exported with `fedpipe export`")
+    v.add_argument("--host", default=d.host)
+    v.add_argument("--port", type=port, default=d.port)
+    v.add_argument("--artifact", default=d.artifact, help="name in export.json (or fp32, int8)")
+    v.add_argument(
+        "--max-batch", type=int, default=d.max_batch, help="examples per model call; 1: no batching"
+    )
+    v.add_argument(
+        "--max-wait-ms", type=float, default=d.max_wait_ms,
+        help="how long a batch may wait to fill",
+    )  # fmt: skip
+    v.add_argument("--max-queue", type=int, default=d.max_queue, help="examples queued before 503")
+    v.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="else 413")
+    v.add_argument("--max-inputs", type=int, default=d.max_inputs, help="per request, else 413")
+    v.add_argument(
+        "--max-connections", type=int, default=d.max_connections, help="open at once, else 503"
+    )
+    v.add_argument("--threads", type=int, default=d.threads, help="torch intra-op threads")
+    v.add_argument("--drift-window", type=int, default=d.drift_window, help="examples")
+    v.add_argument("--drift-threshold", type=float, default=d.drift_threshold, help="PSI")
+    v.add_argument(
+        "--drift-min-examples", type=int, default=d.drift_min_examples,
+        help="seen before drift is scored",
+    )  # fmt: skip
+    v.set_defaults(handler=_serve)
 
 
 def _destination(args: argparse.Namespace) -> Path:

@@ -1,0 +1,110 @@
+"""A request body to a batch the model can take, or a reason why not.
+
+This is the only place that parses what a client sends. Every failure is a `BadRequest`
+with the HTTP status and a sentence for the client, so nothing a client sends reaches the
+model unchecked or surfaces as a server error:
+
+- 400: malformed JSON or .npy, `inputs` missing or not a list, ragged lists, a shape
+  that is neither the model's input shape nor its flattened size, an empty batch,
+  values that are not finite in float32 (NaN, inf, or too large);
+- 413: more inputs than the service takes in one request;
+- 422: values of the wrong kind (strings, booleans, null, objects, complex numbers):
+  the same rule for JSON and .npy, which may hold signed or unsigned integers or floats.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["BadRequest", "decode_json", "decode_npy", "to_batch"]
+
+# dtype kinds a batch may arrive in: signed and unsigned integers, floats.
+NUMERIC_KINDS = "iuf"
+
+
+class BadRequest(ValueError):
+    """A request the service refuses: its HTTP status, a metrics label, and the reason."""
+
+    def __init__(self, status: int, label: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.label, self.detail = status, label, detail
+
+
+def decode_json(body: bytes, max_inputs: int) -> np.ndarray:
+    """`{"inputs": [...]}` to an array of the numbers as sent (not yet shape-checked)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON; absurd nesting
+        raise BadRequest(400, "malformed", f"the body is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
+        raise BadRequest(400, "malformed", 'the body must be {"inputs": [input, ...]}')
+    inputs = doc["inputs"]
+    _check_count(len(inputs), max_inputs)
+    try:
+        return np.array(inputs)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(400, "shape", f"inputs are ragged or too deeply nested: {exc}") from None
+
+
+def decode_npy(body: bytes, shape: tuple[int, ...], max_inputs: int) -> np.ndarray:
+    """A raw .npy file, read without pickle; the header is checked before the data."""
+    fp = io.BytesIO(body)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            dims, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            dims, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise ValueError(f".npy format version {version} is not supported")
+    except (ValueError, EOFError, SyntaxError) as exc:
+        raise BadRequest(400, "malformed", f"the body is not a .npy file: {exc}") from None
+    _check_kind(dtype)
+    _check_count(dims[0] if dims else 0, max_inputs)
+    _check_shape(tuple(dims), shape)
+    data = body[fp.tell() :]
+    if len(data) != math.prod(dims) * dtype.itemsize:
+        reason = f"{len(data)} bytes of data for an array of {dims} {dtype}"
+        raise BadRequest(400, "malformed", f"the .npy file is truncated or padded: {reason}")
+    return np.frombuffer(data, dtype=dtype).reshape(dims, order="F" if fortran else "C")
+
+
+def to_batch(values: np.ndarray, shape: tuple[int, ...], max_inputs: int) -> torch.Tensor:
+    """(N, *shape) or (N, prod(shape)) numbers to a float32 (N, *shape) tensor."""
+    _check_kind(values.dtype)
+    _check_count(len(values) if values.ndim else 0, max_inputs)
+    _check_shape(values.shape, shape)
+    batch = values.astype(np.float32).reshape(len(values), *shape)
+    if not np.isfinite(batch).all():
+        raise BadRequest(400, "non_finite", "inputs must be finite float32 numbers (no NaN/inf)")
+    return torch.from_numpy(batch)
+
+
+def _check_kind(dtype: np.dtype) -> None:
+    if dtype.kind not in NUMERIC_KINDS:
+        raise BadRequest(422, "dtype", f"inputs must be integers or floats, not {dtype} values")
+
+
+def _check_count(count: int, max_inputs: int) -> None:
+    if count > max_inputs:
+        raise BadRequest(413, "too_large", f"{count} inputs; at most {max_inputs} a request")
+
+
+def _check_shape(got: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    """One batch dimension, then the input shape or its flattened size."""
+    if len(got) == 0:
+        raise BadRequest(400, "shape", "a batch needs a first (batch) dimension")
+    if got[0] == 0:
+        raise BadRequest(400, "empty", "the batch is empty: send at least one input")
+    if got[1:] not in (shape, (math.prod(shape),)):
+        raise BadRequest(
+            400,
+            "shape",
+            f"each input must have shape {list(shape)} or {math.prod(shape)} values, "
+            f"got a batch of shape {list(got)}",
+        )
