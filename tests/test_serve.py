@@ -27,7 +27,7 @@ from fedpipe.data import load_dataset
 from fedpipe.drift import DESCRIPTORS, PROFILE_FILE, DriftMonitor, Profile
 from fedpipe.export import export_run, load_artifact
 from fedpipe.serve import MicroBatcher, ServeConfig, ServeError, load_served_model, make_app
-from fedpipe.serve.batcher import Model
+from fedpipe.serve.batcher import Answer, Model
 
 SHAPE = (1, 8, 8)  # the digits images
 
@@ -271,20 +271,21 @@ def test_micro_batching_groups_concurrent_requests_and_splits_large_ones() -> No
         time.sleep(0.005)
         return x.flatten(1)[:, :10] * 2
 
-    async def main() -> tuple[list[torch.Tensor], torch.Tensor]:
+    async def main() -> tuple[list[Answer], Answer]:
         batcher = MicroBatcher(model, max_batch=8, max_wait_s=0.05, max_queue=100)
         batcher.start()
-        xs = [torch.full((1, *SHAPE), float(i)) for i in range(8)]
+        xs = [np.full((1, *SHAPE), float(i), np.float32) for i in range(8)]
         singles = await asyncio.gather(*(batcher.predict(x) for x in xs))
-        large, _ = await batcher.predict(torch.arange(20 * 64.0).reshape(20, *SHAPE))
+        large = await batcher.predict(np.arange(20 * 64, dtype=np.float32).reshape(20, *SHAPE))
         await batcher.stop()
-        return [logits for logits, _ in singles], large
+        return singles, large
 
     singles, large = asyncio.run(main())
     assert calls == [8, 8, 8, 4]  # eight requests in one call; 20 examples as 8 + 8 + 4
-    for i, logits in enumerate(singles):
-        assert torch.equal(logits, torch.full((1, 10), 2.0 * i))
-    assert torch.equal(large, torch.arange(20 * 64.0).reshape(20, 64)[:, :10] * 2)
+    for i, answer in enumerate(singles):
+        assert answer.logits == [[2.0 * i] * 10]
+    assert large.logits == (torch.arange(20 * 64.0).reshape(20, 64)[:, :10] * 2).tolist()
+    assert len(large.classes) == len(large.probabilities) == 20
 
 
 def test_serving_needs_an_export_and_a_known_artifact(run: Path, tmp_path: Path) -> None:

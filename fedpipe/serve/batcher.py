@@ -18,32 +18,55 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import operator
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-__all__ = ["BatchHook", "MicroBatcher", "Model", "QueueFull"]
+__all__ = ["Answer", "BatchHook", "MicroBatcher", "Model", "QueueFull"]
 
 log = logging.getLogger(__name__)
 
 Model = Callable[[torch.Tensor], torch.Tensor]  # (B, *input_shape) -> (B, classes)
 # Called in the inference thread after every batch with (inputs, logits, probabilities).
 BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
-Result = tuple[torch.Tensor, torch.Tensor]  # logits, probabilities: (B, classes) each
 
 
 class QueueFull(RuntimeError):
     """The queue cannot take this request now; the client should retry later."""
 
 
+@dataclass(frozen=True)
+class Answer:
+    """The model's answer for some examples, as plain lists ready to serialise."""
+
+    classes: list[int]
+    probabilities: list[list[float]]
+    logits: list[list[float]]
+
+    def __add__(self, other: Answer) -> Answer:
+        return Answer(
+            self.classes + other.classes,
+            self.probabilities + other.probabilities,
+            self.logits + other.logits,
+        )
+
+    def part(self, start: int, stop: int) -> Answer:
+        return Answer(
+            self.classes[start:stop], self.probabilities[start:stop], self.logits[start:stop]
+        )
+
+
 @dataclass
 class _Item:
-    x: torch.Tensor  # (n, *input_shape), n <= max_batch
-    future: asyncio.Future[Result]
+    x: np.ndarray  # (n, *input_shape) float32, n <= max_batch
+    future: asyncio.Future[Answer]
     arrived: float  # loop time
 
 
@@ -92,23 +115,24 @@ class MicroBatcher:
         self._waiting = 0
         self._thread.shutdown(wait=True)
 
-    async def predict(self, x: torch.Tensor) -> Result:
-        """Logits and probabilities for the examples of `x`; QueueFull if they don't fit."""
+    async def predict(self, x: np.ndarray) -> Answer:
+        """The answer for the examples of `x` (n, *input_shape) float32; QueueFull if they
+        don't fit in the queue."""
         n = len(x)
         if self._waiting + n > self.max_queue:
             raise QueueFull(f"{self._waiting} examples queued; at most {self.max_queue}")
         loop = asyncio.get_running_loop()
-        now, futures = loop.time(), list[asyncio.Future[Result]]()
-        for chunk in torch.split(x, self.max_batch):
+        now, futures = loop.time(), list[asyncio.Future[Answer]]()
+        for start in range(0, n, self.max_batch):
             futures.append(loop.create_future())
-            self._items.append(_Item(chunk, futures[-1], now))
+            self._items.append(_Item(x[start : start + self.max_batch], futures[-1], now))
         self._waiting += n
         if self._waiting >= self.max_batch or len(self._items) == len(futures):
             self._ready.set()  # a full batch, or the first work after an empty queue
         if len(futures) == 1:
             return await futures[0]
         parts = await asyncio.gather(*futures)
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return functools.reduce(operator.add, parts)
 
     async def _run(self) -> None:
         while True:
@@ -147,17 +171,20 @@ class MicroBatcher:
         return items
 
     async def _answer(self, items: list[_Item]) -> None:
-        x = items[0].x if len(items) == 1 else torch.cat([i.x for i in items])
         loop = asyncio.get_running_loop()
-        logits, probs = await loop.run_in_executor(self._thread, self._forward, x)
+        answer = await loop.run_in_executor(self._thread, self._forward, [i.x for i in items])
         start = 0
         for item in items:
             stop = start + len(item.x)
             if not item.future.done():  # the client may have gone
-                item.future.set_result((logits[start:stop], probs[start:stop]))
+                item.future.set_result(answer.part(start, stop))
             start = stop
 
-    def _forward(self, x: torch.Tensor) -> Result:
+    def _forward(self, xs: list[np.ndarray]) -> Answer:
+        """In the inference thread: every torch call happens here. (A torch call releases
+        the GIL and must take it back; on the event loop's thread that wait, up to the
+        interpreter's switch interval, would stall every connection.)"""
+        x = torch.from_numpy(xs[0] if len(xs) == 1 else np.concatenate(xs))
         with torch.inference_mode():
             logits = self._model(x).float()
             probs = torch.softmax(logits, dim=1)
@@ -166,4 +193,4 @@ class MicroBatcher:
                 self._on_batch(x, logits, probs)
             except Exception:  # monitoring must not cost the clients their answers
                 log.exception("the batch hook failed")
-        return logits, probs
+        return Answer(probs.argmax(1).tolist(), probs.tolist(), logits.tolist())
