@@ -263,6 +263,17 @@ def test_a_full_queue_sheds_load_with_503_and_recovers() -> None:
         assert 'fedpipe_request_errors_total{reason="overloaded"}' in client.get("/metrics").text
 
 
+def test_a_failing_model_is_a_500_with_a_reason_and_the_service_lives_on() -> None:
+    def broken(x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("out of cheese")
+
+    with serving(make_app(broken, SHAPE, ServeConfig())) as client:
+        response = client.post("/predict", json={"inputs": [[0.0] * 64]})
+        assert response.status_code == 500 and "out of cheese" in response.json()["detail"]
+        assert client.get("/healthz").status_code == 200
+        assert 'fedpipe_request_errors_total{reason="inference"} 1.0' in client.get("/metrics").text
+
+
 def test_micro_batching_groups_concurrent_requests_and_splits_large_ones() -> None:
     calls: list[int] = []
 

@@ -12,7 +12,8 @@
 that are not finite; 413 for a body over max_body_bytes (by Content-Length, and while
 reading, for a body that lies about its length or is chunked) or more than max_inputs
 inputs; 415 for another content type; 422 for values of the wrong kind; 503, with
-Retry-After, when the queue has no room. Each error body is {"detail": "<reason>"}.
+Retry-After, when the queue has no room; 500 only when the model itself fails on a
+valid batch. Each error body is {"detail": "<reason>"}.
 The body parsing is by hand, not by pydantic, since a request holds hundreds of
 numbers and validating them one by one would cost more than the model.
 """
@@ -29,9 +30,10 @@ import numpy as np
 import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from fedpipe.drift import DriftMonitor
-from fedpipe.serve.batcher import BatchHook, MicroBatcher, Model, QueueFull
+from fedpipe.serve.batcher import BatchHook, InferenceError, MicroBatcher, Model, QueueFull
 from fedpipe.serve.config import ServeConfig
 from fedpipe.serve.decode import BadRequest, decode_json, decode_npy, to_batch
 from fedpipe.serve.metrics import CONTENT_TYPE, ServeMetrics
@@ -88,16 +90,9 @@ def make_app(
     async def predict(request: Request) -> Response:
         t0 = time.perf_counter()
         try:
-            x = await _read_batch(request, input_shape, cfg)
-            answer = await batcher.predict(x)
-        except BadRequest as exc:
-            metrics.refused(exc.status, exc.label)
-            return JSONResponse({"detail": exc.detail}, exc.status)
-        except QueueFull as exc:
-            metrics.refused(503, "overloaded")
-            return JSONResponse(
-                {"detail": f"overloaded: {exc}"}, 503, headers={"Retry-After": RETRY_AFTER_S}
-            )
+            answer = await batcher.predict(await _read_batch(request, input_shape, cfg))
+        except (BadRequest, QueueFull, ClientDisconnect, InferenceError) as exc:
+            return _refuse(exc, metrics)
         body = json.dumps(
             {"classes": answer.classes, "probabilities": answer.probabilities,
              "logits": answer.logits}
@@ -109,6 +104,22 @@ def make_app(
     # and costs about as much as the rest of the request handling.
     app.router.add_route("/predict", predict, methods=["POST"])
     return app
+
+
+def _refuse(exc: Exception, metrics: ServeMetrics) -> Response:
+    """The response to a request the service does not answer, counted by reason."""
+    headers = {}
+    if isinstance(exc, BadRequest):
+        status, label, detail = exc.status, exc.label, exc.detail
+    elif isinstance(exc, QueueFull):
+        status, label, detail = 503, "overloaded", f"overloaded: {exc}"
+        headers["Retry-After"] = RETRY_AFTER_S
+    elif isinstance(exc, ClientDisconnect):  # no one to read it; counted all the same
+        status, label, detail = 499, "disconnected", "the client went away"
+    else:  # the model failed on a valid batch: the service's fault, not the client's
+        status, label, detail = 500, "inference", str(exc)
+    metrics.refused(status, label)
+    return JSONResponse({"detail": detail}, status, headers=headers)
 
 
 def _both(first: BatchHook, second: BatchHook) -> BatchHook:

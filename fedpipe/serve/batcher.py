@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Answer", "BatchHook", "MicroBatcher", "Model", "QueueFull"]
+__all__ = ["Answer", "BatchHook", "InferenceError", "MicroBatcher", "Model", "QueueFull"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 class QueueFull(RuntimeError):
     """The queue cannot take this request now; the client should retry later."""
+
+
+class InferenceError(RuntimeError):
+    """The model raised on a batch; every request in that batch gets this."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ class MicroBatcher:
                 log.exception("inference failed on a batch of %d requests", len(items))
                 for item in items:
                     if not item.future.done():
-                        item.future.set_exception(exc)
+                        item.future.set_exception(InferenceError(f"inference failed: {exc}"))
 
     async def _fill(self) -> None:
         """Wait until a full batch is queued or the oldest example's budget is spent."""
