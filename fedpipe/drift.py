@@ -38,6 +38,8 @@ __all__ = [
     "Profile",
     "describe",
     "histograms",
+    "observe_split",
+    "parse_bins",
     "psi",
 ]
 
@@ -93,6 +95,45 @@ def histograms(
     return out
 
 
+def parse_bins(text: str) -> tuple[dict[str, np.ndarray], int]:
+    """The bins an evaluate config announces (JSON: classes and edges), checked like
+    a profile's: a device computes nothing from bins it cannot trust to be bins."""
+    try:
+        return _checked_bins(json.loads(text))
+    except (KeyError, TypeError, ValueError) as exc:  # DriftError is a ValueError
+        raise DriftError(f"not the bins of a drift profile: {exc}") from exc
+
+
+def _checked_bins(data: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
+    classes = int(data["classes"])
+    if not 1 <= classes <= _MAX_BINS:
+        raise DriftError(f"classes={classes} out of range")
+    edges = {n: np.asarray(data["edges"][n], np.float64) for n in (*INPUTS, "confidence")}
+    for n, e in edges.items():
+        if e.ndim != 1 or len(e) >= _MAX_BINS or not np.all(np.diff(e) > 0):
+            raise DriftError(f"edges of {n} are not increasing numbers")
+    return edges, classes
+
+
+@torch.no_grad()
+def observe_split(
+    model: torch.nn.Module, x: torch.Tensor, edges: Mapping[str, np.ndarray], classes: int
+) -> dict[str, np.ndarray]:
+    """A device's histograms of its held-out inputs under `model` (what it reports)."""
+    model.eval()
+    counts = {n: np.zeros(b, np.int64) for n, b in _all_bins(edges, classes).items()}
+    for start in range(0, len(x), 1024):
+        xb = x[start : start + 1024]
+        probs = torch.softmax(model(xb).float(), 1)
+        for n, c in histograms(edges, classes, describe(xb, probs)).items():
+            counts[n] += c
+    return counts
+
+
+def _all_bins(edges: Mapping[str, np.ndarray], classes: int) -> dict[str, int]:
+    return {n: _bins(edges, classes, n) for n in DESCRIPTORS}
+
+
 def psi(reference: np.ndarray, observed: np.ndarray) -> float:
     """Population stability index of two histograms over the same bins (counts or
     fractions); empty bins count as a small fraction so that it stays finite."""
@@ -133,7 +174,7 @@ class Profile:
         return cls(int(probs.shape[1]), edges, fractions, {"coordinator_examples": len(x)})
 
     def bins(self) -> dict[str, int]:
-        return {n: _bins(self.edges, self.classes, n) for n in DESCRIPTORS}
+        return _all_bins(self.edges, self.classes)
 
     def with_devices(self, devices: DeviceProfiles) -> Profile:
         """The coordinator's and the devices' distributions weighed equally, so that
@@ -157,13 +198,7 @@ class Profile:
     def from_json(cls, data: Mapping[str, Any]) -> Profile:
         """A profile as saved, checked: bins per descriptor and fractions that sum to 1."""
         try:
-            classes = int(data["classes"])
-            if not 1 <= classes <= _MAX_BINS:
-                raise DriftError(f"classes={classes} out of range")
-            edges = {n: np.asarray(data["edges"][n], np.float64) for n in INPUTS + ("confidence",)}
-            for n, e in edges.items():
-                if e.ndim != 1 or len(e) >= _MAX_BINS or not np.all(np.diff(e) > 0):
-                    raise DriftError(f"edges of {n} are not increasing numbers")
+            edges, classes = _checked_bins(data)
             fractions = {n: np.asarray(data["fractions"][n], np.float64) for n in DESCRIPTORS}
             for n, f in fractions.items():
                 if f.shape != (_bins(edges, classes, n),) or abs(f.sum() - 1) > 1e-6:
@@ -193,7 +228,7 @@ class DeviceProfiles:
         self._sum = {n: np.zeros(b) for n, b in self.bins().items()}
 
     def bins(self) -> dict[str, int]:
-        return {n: _bins(self.edges, self.classes, n) for n in DESCRIPTORS}
+        return _all_bins(self.edges, self.classes)
 
     def add(self, counts: Mapping[str, np.ndarray], examples: int) -> str | None:
         """One device's histograms (hostile input); None, or why they were refused.

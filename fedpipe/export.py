@@ -194,9 +194,7 @@ def markdown_table(rows: list[ExportRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_reports(
-    out: Path, rows: list[ExportRow], threads: int, shape: tuple[int, ...]
-) -> None:
+def _write_reports(out: Path, rows: list[ExportRow], threads: int, shape: tuple[int, ...]) -> None:
     info: dict[str, Any] = {"threads": threads, "torch": torch.__version__, "input_shape": shape}
     (out / "export.json").write_text(
         json.dumps({**info, "artifacts": [asdict(r) for r in rows]}, indent=2) + "\n"
