@@ -35,6 +35,7 @@ __all__ = [
     "SecurityConfig",
     "SimulationConfig",
     "TrainConfig",
+    "apply_overrides",
     "config_from_dict",
     "config_from_toml",
     "config_to_dict",

@@ -14,7 +14,7 @@ import lzma
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,19 +22,39 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedpipe.config import ConfigError, RunConfig, config_from_dict
+from fedpipe.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+)
 from fedpipe.data import Split
-from fedpipe.rundir import CONFIG_FILE, MODEL_FILE
+from fedpipe.drift import PROFILE_FILE, DeviceProfiles, DriftError, Profile
+from fedpipe.release import check_release
+from fedpipe.rundir import CONFIG_FILE, DEVICE_PROFILE_FILE, MODEL_FILE, write_json
 from fedpipe.task import TaskContext, as_split, load_task
 
-__all__ = ["ExportError", "ExportRow", "export_run", "load_artifact", "load_run_model"]
+__all__ = [
+    "ExportError",
+    "ExportRow",
+    "ReleaseRefused",
+    "export_run",
+    "load_artifact",
+    "load_run_model",
+]
 
 EXPORT_DIR = "export"
+RELEASE_FILE = "release.json"  # the gate's verdict on each criterion
 Module = Callable[[torch.Tensor], torch.Tensor]
 
 
 class ExportError(RuntimeError):
     """The run directory cannot be exported; the message says what is wrong or missing."""
+
+
+class ReleaseRefused(ExportError):
+    """The model is below the configured release bar; the message names each criterion."""
 
 
 @dataclass(frozen=True)
@@ -135,18 +155,42 @@ def _onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Module | None:
     return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
 
 
-def export_run(run_dir: Path, force: bool = False, threads: int = 1) -> list[ExportRow]:
-    """Write `<run>/export/` (artifacts, export.json, export.md); refuse to overwrite."""
+def _with_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """The run's config with `release.*` / `export.*` overrides from the command line
+    (the model's own settings are what it was trained with: not overridable)."""
+    for item in overrides:
+        if not item.strip().startswith(("release.", "export.")):
+            raise ExportError(f"{item!r}: export takes only release.* and export.* settings")
+    try:
+        return config_from_dict(apply_overrides(config_to_dict(cfg), overrides))
+    except ConfigError as exc:
+        raise ExportError(str(exc)) from exc
+
+
+def export_run(
+    run_dir: Path,
+    force: bool = False,
+    threads: int = 1,
+    overrides: Sequence[str] = (),
+    ignore_gate: bool = False,
+) -> list[ExportRow]:
+    """Write `<run>/export/` (artifacts, export.json, export.md, release.json and the
+    drift profile); refuse to overwrite, and refuse a model below the release bar
+    (fedpipe.release) unless `ignore_gate`."""
     model, cfg, shape = load_run_model(run_dir)
+    cfg = _with_overrides(cfg, overrides)
     out = run_dir / EXPORT_DIR
     if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"{out} exists; pass --force to overwrite it")
-    out.mkdir(exist_ok=True)
     task = load_task(cfg.task)
     raw = task.test_data(TaskContext(cfg, None, {}))
     test = as_split(raw, f"{task.name}.test_data") if raw is not None else None
     if test is None or tuple(test.x.shape[1:]) != shape or len(test) == 0:
         raise ExportError(f"the run's task {task.name!r} has no test data of the model's {shape}")
+    gate = check_release(run_dir, cfg.release, _check(model, model, test)[0])
+    if not gate.passed and not ignore_gate:
+        raise ReleaseRefused(f"release gate failed: {gate.failures()}; nothing was exported")
+    out.mkdir(exist_ok=True)
     calibration = task.calibration_data(TaskContext(cfg, None, {})) or test
     torch.set_num_threads(threads)
     example = test.x[:1]
@@ -170,7 +214,29 @@ def export_run(run_dir: Path, force: bool = False, threads: int = 1) -> list[Exp
         latency, throughput = _speed(fn, example, x64)
         rows.append(ExportRow(name, path.name, _size(path), acc, diff, latency, throughput))
     _write_reports(out, rows, threads, shape)
+    write_json(out / RELEASE_FILE, gate.to_json(forced=not gate.passed))
+    _profile(model, test, run_dir).save(out / PROFILE_FILE)
     return rows
+
+
+@torch.no_grad()
+def _profile(model: nn.Module, test: Split, run_dir: Path) -> Profile:
+    """The drift reference a service compares its inputs with: the coordinator's test
+    data under the final model, and the devices' histograms from the run's last
+    federated evaluation when it had one."""
+    x = test.x[:10_000]
+    probs = torch.cat(
+        [torch.softmax(model(x[i : i + 1024]).float(), 1) for i in range(0, len(x), 1024)]
+    )
+    profile = Profile.reference(x, probs)
+    saved = run_dir / DEVICE_PROFILE_FILE
+    if not saved.is_file():
+        return profile
+    try:
+        devices = DeviceProfiles.from_json(profile, json.loads(saved.read_text()))
+    except (DriftError, KeyError, TypeError, ValueError) as exc:
+        raise ExportError(f"{saved} does not fit the test data's profile: {exc}") from exc
+    return profile.with_devices(devices)
 
 
 def _size(path: Path) -> int:

@@ -23,6 +23,7 @@ from fedpipe.data import (
 from fedpipe.errors import os_reason
 
 Handler = Callable[[argparse.Namespace], int]
+RELEASE_REFUSED = 3  # exit status of an export the release gate refused
 
 
 def _certs(args: argparse.Namespace) -> int:
@@ -58,9 +59,19 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fedpipe.export import export_run, markdown_table
+    from fedpipe.export import ReleaseRefused, export_run, markdown_table
 
-    rows = export_run(Path(args.run), force=args.force, threads=args.threads)
+    try:
+        rows = export_run(
+            Path(args.run),
+            force=args.force,
+            threads=args.threads,
+            overrides=args.overrides,
+            ignore_gate=args.ignore_gate,
+        )
+    except ReleaseRefused as exc:
+        print(f"fedpipe export: refused: {exc}", file=sys.stderr)
+        return RELEASE_REFUSED
     print(markdown_table(rows), end="")
     print(f"-> {Path(args.run) / 'export'}")
     return 0
@@ -109,8 +120,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="overwrite an existing report")
     r.set_defaults(handler=_report)
 
-    e = sub.add_parser("export", help="TorchScript float32 and int8 models, checked and timed")
+    e = sub.add_parser(
+        "export", help="deployable models (float32, int8, pruned), gated, checked and timed"
+    )
     e.add_argument("run", metavar="RUN_DIR")
+    e.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="release.* bars and export.* settings over the run's own config",
+    )
+    e.add_argument(
+        "--ignore-gate",
+        action="store_true",
+        help="export a model below the release bar anyway (release.json records it)",
+    )
     e.add_argument("--threads", type=int, default=1, help="CPU threads for the timings")
     e.add_argument("--force", action="store_true", help="overwrite <run>/export")
     e.set_defaults(handler=_export)
