@@ -31,6 +31,7 @@ import torch
 
 __all__ = [
     "DESCRIPTORS",
+    "PROFILE_EXAMPLES",
     "PROFILE_FILE",
     "DeviceProfiles",
     "DriftError",
@@ -39,6 +40,7 @@ __all__ = [
     "describe",
     "histograms",
     "observe_split",
+    "probabilities",
     "parse_bins",
     "psi",
 ]
@@ -46,6 +48,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PROFILE_FILE = "profile.json"
+PROFILE_EXAMPLES = 10_000  # coordinator examples a reference is built from, at most
 INPUTS = ("input_mean", "input_std", "input_min", "input_max")
 DESCRIPTORS = (*INPUTS, "confidence", "predicted")
 CONFIDENCE_EDGES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
@@ -116,18 +119,19 @@ def _checked_bins(data: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
 
 
 @torch.no_grad()
+def probabilities(model: torch.nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """Softmax of `model` over `x` in batches, (N, classes)."""
+    model.eval()
+    return torch.cat(
+        [torch.softmax(model(x[i : i + batch]).float(), 1) for i in range(0, len(x), batch)]
+    )
+
+
 def observe_split(
     model: torch.nn.Module, x: torch.Tensor, edges: Mapping[str, np.ndarray], classes: int
 ) -> dict[str, np.ndarray]:
     """A device's histograms of its held-out inputs under `model` (what it reports)."""
-    model.eval()
-    counts = {n: np.zeros(b, np.int64) for n, b in _all_bins(edges, classes).items()}
-    for start in range(0, len(x), 1024):
-        xb = x[start : start + 1024]
-        probs = torch.softmax(model(xb).float(), 1)
-        for n, c in histograms(edges, classes, describe(xb, probs)).items():
-            counts[n] += c
-    return counts
+    return histograms(edges, classes, describe(x, probabilities(model, x)))
 
 
 def _all_bins(edges: Mapping[str, np.ndarray], classes: int) -> dict[str, int]:
@@ -163,7 +167,8 @@ class Profile:
 
     @classmethod
     def reference(cls, x: torch.Tensor, probs: torch.Tensor, bins: int = 10) -> Profile:
-        """From the coordinator's own data and the model's probabilities on it."""
+        """From the coordinator's own data and the model's probabilities on it (see
+        `probabilities`)."""
         if len(x) == 0:
             raise DriftError("a profile needs at least one example")
         values = describe(x, probs)

@@ -30,7 +30,14 @@ from fedpipe.config import (
     config_to_dict,
 )
 from fedpipe.data import Split
-from fedpipe.drift import PROFILE_FILE, DeviceProfiles, DriftError, Profile
+from fedpipe.drift import (
+    PROFILE_EXAMPLES,
+    PROFILE_FILE,
+    DeviceProfiles,
+    DriftError,
+    Profile,
+    probabilities,
+)
 from fedpipe.release import check_release
 from fedpipe.rundir import CONFIG_FILE, DEVICE_PROFILE_FILE, MODEL_FILE, write_json
 from fedpipe.task import TaskContext, as_split, load_task
@@ -219,16 +226,12 @@ def export_run(
     return rows
 
 
-@torch.no_grad()
 def _profile(model: nn.Module, test: Split, run_dir: Path) -> Profile:
     """The drift reference a service compares its inputs with: the coordinator's test
     data under the final model, and the devices' histograms from the run's last
     federated evaluation when it had one."""
-    x = test.x[:10_000]
-    probs = torch.cat(
-        [torch.softmax(model(x[i : i + 1024]).float(), 1) for i in range(0, len(x), 1024)]
-    )
-    profile = Profile.reference(x, probs)
+    x = test.x[:PROFILE_EXAMPLES]
+    profile = Profile.reference(x, probabilities(model, x))
     saved = run_dir / DEVICE_PROFILE_FILE
     if not saved.is_file():
         return profile

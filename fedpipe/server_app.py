@@ -22,7 +22,7 @@ from fedpipe.config import RunConfig
 from fedpipe.crypto.keys import load_aggregator_key
 from fedpipe.crypto.seal import Binding, open_sealed
 from fedpipe.data import Split
-from fedpipe.drift import Profile
+from fedpipe.drift import PROFILE_EXAMPLES, Profile, probabilities
 from fedpipe.grid import BoundedGrid
 from fedpipe.lineage import finish_lineage, load_parent, start_lineage
 from fedpipe.metrics import MetricsLog
@@ -81,9 +81,8 @@ def _reference(model: torch.nn.Module, test: Split | Dataset | None) -> Profile 
     inputs (None without test data, or data fedpipe cannot read as tensors)."""
     if not isinstance(test, Split) or len(test) == 0:
         return None
-    with torch.no_grad():
-        probs = torch.softmax(model.eval()(test.x[:10_000]).float(), 1)
-    return Profile.reference(test.x[:10_000], probs)
+    x = test.x[:PROFILE_EXAMPLES]
+    return Profile.reference(x, probabilities(model, x))
 
 
 def make_opener(run_id: int, key: X25519PrivateKey) -> Opener:

@@ -77,7 +77,7 @@ from fedpipe.rounds.evaluation import EvaluationIntake, EvaluationResult, profil
 from fedpipe.secagg.keys import RoundId
 from fedpipe.secagg.quant import dequantize_sum
 from fedpipe.secagg.server import SecAggRound
-from fedpipe.validation import device_fields, round_fields
+from fedpipe.validation import round_fields
 
 __all__ = [
     "CodecStrategy",
@@ -90,12 +90,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
-
-
-def _evaluation_fields(result: EvaluationResult | None) -> dict[str, Any]:
-    if result is None:
-        return {}
-    return {**device_fields(result.devices, result.loss), "fed_rejected": result.rejected}
 
 
 def streams(cfg: FederationConfig) -> bool:
@@ -634,7 +628,7 @@ class CodecStrategy(Strategy):
             downlink_behind=r.downlink.behind,
             broadcast_seconds=r.broadcast_seconds,
             **round_fields(central),
-            **(_evaluation_fields(r.evaluation)),
+            **(r.evaluation.fields() if r.evaluation is not None else {}),
         )
         if self.on_round_end is not None:
             self.on_round_end(rec)

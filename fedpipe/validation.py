@@ -20,7 +20,6 @@ __all__ = [
     "MAX_CONFUSION_CLASSES",
     "class_metrics",
     "class_record",
-    "device_fields",
     "round_fields",
     "spread",
 ]
@@ -115,19 +114,4 @@ def round_fields(central: Mapping[str, Any]) -> dict[str, Any]:
         "class_f1": list(f1),
         "macro_f1": float(np.mean(f1)),
         "confusion": confusion,
-    }
-
-
-def device_fields(devices: DeviceSpread | None, loss: float | None) -> dict[str, Any]:
-    """The RoundRecord's federated-evaluation fields."""
-    if devices is None:
-        return {}
-    return {
-        "fed_devices": devices.devices,
-        "fed_accuracy": devices.mean,
-        "fed_accuracy_min": devices.minimum,
-        "fed_accuracy_p10": devices.p10,
-        "fed_accuracy_max": devices.maximum,
-        "fed_accuracy_std": devices.std,
-        "fed_loss": loss,
     }

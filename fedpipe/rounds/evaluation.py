@@ -12,6 +12,7 @@ import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecordValues, Message, MetricRecord, RecordDict
@@ -43,6 +44,22 @@ class EvaluationResult:
     devices: DeviceSpread | None  # accuracy across the devices that reported one
     loss: float | None  # eval loss weighted by examples
     rejected: int  # replies dropped at the boundary or here
+
+    def fields(self) -> dict[str, Any]:
+        """The RoundRecord's federated-evaluation fields."""
+        out: dict[str, Any] = {"fed_rejected": self.rejected}
+        d = self.devices
+        if d is not None:
+            out.update(
+                fed_devices=d.devices,
+                fed_accuracy=d.mean,
+                fed_accuracy_min=d.minimum,
+                fed_accuracy_p10=d.p10,
+                fed_accuracy_max=d.maximum,
+                fed_accuracy_std=d.std,
+                fed_loss=self.loss,
+            )
+        return out
 
 
 class EvaluationIntake:
