@@ -84,8 +84,14 @@ def progress_line(rec: RoundRecord, total_rounds: int) -> str:
         bits = f" ({rec.bits_per_param_up:.2f} bit/param, masked {rec.bits_per_param_masked:.2f})"
     if rec.secagg_abandoned:
         bits += " [secure round abandoned: model kept]"
+    devices = (
+        f" | devices {rec.fed_accuracy:.4f}, worst {rec.fed_accuracy_min:.4f}"
+        if rec.fed_accuracy is not None and rec.fed_accuracy_min is not None
+        else ""
+    )
     return (
-        f"round {rec.round:>3}/{total_rounds} | acc {rec.accuracy:.4f} | loss {rec.loss:.4f} | "
+        f"round {rec.round:>3}/{total_rounds} | acc {rec.accuracy:.4f}{devices} | "
+        f"loss {rec.loss:.4f} | "
         f"clients {rec.clients_replied}/{rec.clients_sampled} ok, {rec.clients_failed} failed | "
         f"up {_mb(rec.bytes_up)}{bits} down {_mb(rec.bytes_down)} | "
         f"codec {rec.encode_seconds + rec.decode_seconds:.2f} s | {rec.seconds:.1f} s"
