@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
 import torch
-from test_resume import InProcessGrid
 
 from fedpipe.cli.main import main as fedpipe_main
 from fedpipe.config import load_config
@@ -18,34 +18,14 @@ from fedpipe.export import ExportError, export_run, load_run_model
 from fedpipe.metrics import RoundRecord
 from fedpipe.progress import RoundProgress
 from fedpipe.report import ReportError, write_report
-from fedpipe.rundir import create_run_dir
-from fedpipe.server_app import run_server
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def runs(digits_run: Path, finished_run: Callable[[Sequence[str]], Path]) -> list[Path]:
     """Two finished runs (float32 and int4 updates) of 3 rounds on the digits data."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    out = []
-    for scheme in ("float32", "int4"):
-        cfg = load_config(
-            None,
-            [
-                f"output_dir='{tmp_path_factory.mktemp(scheme)}'",
-                "partition.num_clients=3",
-                "federation.rounds=3",
-                "federation.min_nodes=3",
-                f"codec.scheme='{scheme}'",
-            ],
-        )  # the default MLP (64 hidden), 3 local epochs
-        run_dir = create_run_dir(cfg)
-        run_server(InProcessGrid(cfg), cfg, run_dir)  # type: ignore[arg-type]
-        out.append(run_dir)
-    return out
+    return [digits_run, finished_run(["codec.scheme='int4'"])]
 
 
 def test_a_finished_run_has_its_report(runs: list[Path]) -> None:
