@@ -1,15 +1,26 @@
 """Pruning for export: magnitude pruning on hand-made weights, channel surgery checked
-against the unpruned model."""
+against the unpruned model, and the pruned artifacts of `fedpipe export` on real runs."""
 
 from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedpipe.cli.main import main as fedpipe_main
+from fedpipe.export import export_run, load_artifact, load_run_model
 from fedpipe.models import McMahanCNN, mlp, resnet18_cifar
 from fedpipe.prune import channel_prune, magnitude_prune, sparsity
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+RunFactory = Callable[[Sequence[str]], Path]
 
 
 def _params(model: nn.Module) -> int:
@@ -187,3 +198,63 @@ def test_resnet18_prunes_only_the_first_conv_of_each_block() -> None:
             assert new.conv1.out_channels == old.conv1.out_channels // 2 == new.bn1.num_features
             assert new.conv2.out_channels == old.conv2.out_channels
     assert pruned.conv1.out_channels == 64 and pruned.fc.in_features == 512
+
+
+# --- fedpipe export ----------------------------------------------------------------------
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    """A private copy of a shared run, without another test's export."""
+    return Path(shutil.copytree(run, tmp_path / run.name, ignore=shutil.ignore_patterns("export")))
+
+
+def test_export_writes_pruned_artifacts_checked_on_the_test_set(
+    digits_run: Path, tmp_path: Path
+) -> None:
+    run = _copy(digits_run, tmp_path)
+    rows = {r.artifact: r for r in export_run(run, overrides=["export.prune_amount=0.7"])}
+    fp32 = rows["torchscript-fp32"]
+    assert {"pruned-fp32", "pruned-int8", "channels-fp32", "channels-int8"} <= rows.keys()
+    for name in ("pruned-fp32", "pruned-int8"):
+        row = rows[name]
+        assert row.path.endswith(".pt.xz") and row.sparsity == pytest.approx(0.7, abs=0.01)
+        assert abs(row.accuracy - fp32.accuracy) <= 0.03  # 64-unit MLP on 360 test digits
+        assert row.size_bytes < rows[name.replace("pruned", "torchscript")].size_bytes
+    for row in rows.values():  # sizes as stored: one file each, no other file counted
+        assert row.size_bytes == (run / "export" / row.path).stat().st_size
+    assert rows["channels-fp32"].sparsity == 0.0 and rows["channels-fp32"].path.endswith(".pt")
+    assert abs(rows["channels-fp32"].accuracy - fp32.accuracy) <= 0.05
+    model, cfg, _ = load_run_model(run)
+    sparse = load_artifact(run / "export" / "model_pruned_fp32.pt.xz")
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(sparse(x), magnitude_prune(model, 0.7)(x))
+    report = json.loads((run / "export" / "export.json").read_text())
+    assert report["export"] == {"prune_amount": 0.7, "channel_fraction": 0.25}
+    assert all("sparsity" in a for a in report["artifacts"])
+    assert "| sparsity |" in (run / "export" / "export.md").read_text()
+
+
+def test_zero_amounts_skip_their_rows_and_say_so(digits_run: Path, tmp_path: Path) -> None:
+    run = _copy(digits_run, tmp_path)
+    zero = ["export.prune_amount=0", "export.channel_fraction=0"]
+    assert fedpipe_main(["export", str(run), *zero]) == 0
+    report = json.loads((run / "export" / "export.json").read_text())
+    assert [a["artifact"] for a in report["artifacts"]][:2] == [
+        "torchscript-fp32", "torchscript-int8",
+    ]  # fmt: skip
+    assert not any(a["artifact"].startswith(("pruned", "channels")) for a in report["artifacts"])
+    assert report["skipped"]["pruned"] == "export.prune_amount=0"
+    assert report["skipped"]["channels"] == "export.channel_fraction=0"
+    assert fedpipe_main(["export", str(run), "--force", "model.hidden=8"]) == 2  # the run's
+    assert fedpipe_main(["export", str(run), "--force", "export.prune_amount=2"]) == 2
+
+
+@pytest.mark.slow
+def test_cnn_export_has_channel_pruned_artifacts(finished_run: RunFactory, tmp_path: Path) -> None:
+    run = finished_run(["model.name='cnn'", "federation.rounds=2"])
+    rows = {r.artifact: r for r in export_run(run)}
+    fp32, slim = rows["torchscript-fp32"], rows["channels-fp32"]
+    assert slim.size_bytes < 0.8 * fp32.size_bytes  # 1 - 0.75^2 of most weights removed
+    assert abs(slim.accuracy - fp32.accuracy) <= 0.05
+    assert abs(rows["pruned-int8"].accuracy - fp32.accuracy) <= 0.03
+    assert rows["channels-int8"].size_bytes < slim.size_bytes

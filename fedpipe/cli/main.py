@@ -60,9 +60,10 @@ def _report(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from fedpipe.export import export_run, markdown_table
 
-    rows = export_run(Path(args.run), force=args.force, threads=args.threads)
+    run = Path(args.run)
+    rows = export_run(run, force=args.force, threads=args.threads, overrides=args.overrides)
     print(markdown_table(rows), end="")
-    print(f"-> {Path(args.run) / 'export'}")
+    print(f"-> {run / 'export'}")
     return 0
 
 
@@ -109,8 +110,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="overwrite an existing report")
     r.set_defaults(handler=_report)
 
-    e = sub.add_parser("export", help="TorchScript float32 and int8 models, checked and timed")
+    e = sub.add_parser(
+        "export", help="TorchScript float32, int8 and pruned models, checked and timed"
+    )
     e.add_argument("run", metavar="RUN_DIR")
+    e.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. export.prune_amount=0.8")
     e.add_argument("--threads", type=int, default=1, help="CPU threads for the timings")
     e.add_argument("--force", action="store_true", help="overwrite <run>/export")
     e.set_defaults(handler=_export)
@@ -150,8 +154,21 @@ def _os_error(exc: OSError, args: argparse.Namespace) -> str:
     return f"cannot write {path}: {os_reason(exc)}; {fix}"
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """argparse, plus ``key=value`` overrides after an option (`export RUN --force a=1`):
+    argparse stops filling a positional list once an option follows the positional
+    before it, and would reject them."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and "overrides" in args and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     handler: Handler = args.handler
     try:
         return handler(args)
