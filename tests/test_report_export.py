@@ -4,53 +4,30 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import torch
-from test_resume import InProcessGrid
 
 from fedpipe.cli.main import main as fedpipe_main
-from fedpipe.config import load_config
+from fedpipe.config import ConfigError, load_config
 from fedpipe.data import load_dataset
 from fedpipe.export import ExportError, export_run, load_run_model
 from fedpipe.metrics import RoundRecord
 from fedpipe.progress import RoundProgress
 from fedpipe.report import ReportError, write_report
-from fedpipe.rundir import create_run_dir
-from fedpipe.server_app import run_server
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def runs(digits_run: Path, finished_run: Callable[[Sequence[str]], Path]) -> list[Path]:
     """Two finished runs (float32 and int4 updates) of 3 rounds on the digits data; the
     float32 one with federated evaluation."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    out = []
-    for scheme in ("float32", "int4"):
-        cfg = load_config(
-            None,
-            [
-                f"output_dir='{tmp_path_factory.mktemp(scheme)}'",
-                "partition.num_clients=3",
-                "federation.rounds=3",
-                "federation.min_nodes=3",
-                f"codec.scheme='{scheme}'",
-                # float32: federated evaluation on each device's held-out fifth
-                f"federation.fraction_evaluate={1.0 if scheme == 'float32' else 0.0}",
-                "partition.holdout=0.2",
-            ],
-        )  # the default MLP (64 hidden), 3 local epochs
-        run_dir = create_run_dir(cfg)
-        run_server(InProcessGrid(cfg), cfg, run_dir)  # type: ignore[arg-type]
-        out.append(run_dir)
-    return out
+    return [digits_run, finished_run(["codec.scheme='int4'", "partition.holdout=0.2"])]
 
 
 def test_a_finished_run_has_its_report(runs: list[Path]) -> None:
@@ -223,24 +200,15 @@ def test_report_draws_per_class_metrics_and_the_confusion_matrix(
     assert all(r["fed_devices"] == 3 and r["fed_accuracy_min"] <= r["fed_accuracy"] for r in rounds)
 
 
-def _copy(run: Path, tmp_path: Path) -> Path:
-    """A private copy: export writes into the run directory the module shares."""
-    import shutil
-
-    dst = tmp_path / run.name
-    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("export", "report"))
-    return dst
-
-
 def test_release_gate_refuses_and_accepts_as_configured(
-    runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    runs: list[Path], private_copy: Callable[[Path], Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     import json
 
     from fedpipe.export import ReleaseRefused
     from fedpipe.metrics import read_metrics
 
-    run = _copy(runs[0], tmp_path)
+    run = private_copy(runs[0])
     # One device 0.2 below the centralized accuracy in the last round (on these IID
     # digits every device scores about the average).
     rounds = read_metrics(run / "metrics.jsonl")
@@ -255,10 +223,10 @@ def test_release_gate_refuses_and_accepts_as_configured(
     assert "worst of 3 devices scored" in err and "over the bar 0.1" in err
     assert not (run / "export").exists()
     # The int4 run never evaluated on devices: the drop bar cannot be checked, so it fails.
-    other = _copy(runs[1], tmp_path)
+    other = private_copy(runs[1])
     with pytest.raises(ReleaseRefused, match="no federated evaluation"):
         export_run(other, overrides=["release.max_worst_client_drop=0.5"])
-    with pytest.raises(ExportError, match="only release"):
+    with pytest.raises(ConfigError, match="task and model"):
         export_run(run, overrides=["model.hidden=3"])
     # Bars the model clears: exported, with the verdict beside the artifacts.
     bars = [f"release.min_accuracy={last['accuracy'] - 0.01}", "release.max_worst_client_drop=0.25"]
@@ -271,10 +239,12 @@ def test_release_gate_refuses_and_accepts_as_configured(
     assert verdict["forced"] and not verdict["passed"]
 
 
-def test_export_profile_joins_the_devices_histograms(runs: list[Path], tmp_path: Path) -> None:
+def test_export_profile_joins_the_devices_histograms(
+    runs: list[Path], private_copy: Callable[[Path], Path]
+) -> None:
     from fedpipe.drift import Profile
 
-    with_devices, without = _copy(runs[0], tmp_path), _copy(runs[1], tmp_path)
+    with_devices, without = private_copy(runs[0]), private_copy(runs[1])
     for run in (with_devices, without):
         export_run(run)
     profile = Profile.load(with_devices / "export" / "profile.json")

@@ -121,14 +121,14 @@ def _parser() -> argparse.ArgumentParser:
     r.set_defaults(handler=_report)
 
     e = sub.add_parser(
-        "export", help="deployable models (float32, int8, pruned), gated, checked and timed"
+        "export", help="TorchScript float32, int8 and pruned models, gated, checked and timed"
     )
     e.add_argument("run", metavar="RUN_DIR")
     e.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="release.* bars and export.* settings over the run's own config",
+        help="over the run's own config, e.g. release.min_accuracy=0.98 export.prune_amount=0.8",
     )
     e.add_argument(
         "--ignore-gate",
@@ -174,8 +174,21 @@ def _os_error(exc: OSError, args: argparse.Namespace) -> str:
     return f"cannot write {path}: {os_reason(exc)}; {fix}"
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """argparse, plus ``key=value`` overrides after an option (`export RUN --force a=1`):
+    argparse stops filling a positional list once an option follows the positional
+    before it, and would reject them."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and "overrides" in args and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     handler: Handler = args.handler
     try:
         return handler(args)
