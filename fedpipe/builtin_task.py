@@ -5,7 +5,10 @@
   the broadcast; building and initializing a fresh module per client cost about 1 ms of
   a 5 ms MLP client); the server builds a fresh, seeded one.
 - train_data: a deployed device's own shard file (`fedpipe-client --data`, node config
-  `data-path`), else the client's partition of `[data]` (simulation).
+  `data-path`), else the client's partition of `[data]` (simulation); without the
+  `partition.holdout` fraction the device keeps back for
+- eval_data: its own held-out split, for federated evaluation (the whole shard when
+  holdout is 0).
 - test_data: the dataset's test split, for the server's central evaluation.
 - calibration_data: the dataset's training split (the coordinator of a simulation, or
   one that holds the public dataset), for the int8 export.
@@ -23,7 +26,7 @@ from fedpipe.data import Split, TensorDataset, client_shard, load_dataset
 from fedpipe.models import build_model
 from fedpipe.task import TaskContext
 
-__all__ = ["DATA_PATH", "calibration_data", "model", "test_data", "train_data"]
+__all__ = ["DATA_PATH", "calibration_data", "eval_data", "model", "test_data", "train_data"]
 
 DATA_PATH = "data-path"  # node config: a deployed device's own shard file
 
@@ -51,13 +54,41 @@ def model(ctx: TaskContext) -> torch.nn.Module:
     return _module(ctx.config.model, shape, ds.num_classes)
 
 
-def train_data(ctx: TaskContext) -> Split:
+def _shard(ctx: TaskContext) -> Split:
     own = _device_data(ctx)
     if own is not None:
         return own.train
     assert ctx.client_id is not None
     cfg = ctx.config
     return client_shard(cfg.data, cfg.partition, cfg.seed, ctx.client_id)
+
+
+def _held_out(ctx: TaskContext, shard: Split) -> torch.Tensor:
+    """Which of the shard's examples the client keeps back: a fixed, seeded draw per
+    client (the same every round, so it is never trained on)."""
+    keep = int(round(ctx.config.partition.holdout * len(shard)))
+    keep = min(max(keep, 1), len(shard) - 1) if ctx.config.partition.holdout else 0
+    seed = ctx.config.seed * 1_000_003 + (ctx.client_id or 0)
+    order = torch.randperm(len(shard), generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros(len(shard), dtype=torch.bool)
+    mask[order[:keep]] = True
+    return mask
+
+
+def train_data(ctx: TaskContext) -> Split:
+    shard = _shard(ctx)
+    if not ctx.config.partition.holdout or len(shard) < 2:
+        return shard
+    held = _held_out(ctx, shard)
+    return Split(shard.x[~held], shard.y[~held])
+
+
+def eval_data(ctx: TaskContext) -> Split:
+    shard = _shard(ctx)
+    if not ctx.config.partition.holdout or len(shard) < 2:
+        return shard
+    held = _held_out(ctx, shard)
+    return Split(shard.x[held], shard.y[held])
 
 
 def test_data(ctx: TaskContext) -> Split | None:

@@ -6,6 +6,7 @@ a deployed app reads it from Flower's run config; both then run the same code.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -39,6 +40,7 @@ from fedpipe.crypto.seal import Binding, seal
 from fedpipe.data import Split, load_dataset
 from fedpipe.downlink import HEADER as DOWNLINK_HEADER
 from fedpipe.downlink import ModelStore, SharedStore, StateStore, receive
+from fedpipe.drift import observe_split, parse_bins
 from fedpipe.records import (
     ARRAYS,
     CLIENT_ID,
@@ -50,6 +52,8 @@ from fedpipe.records import (
     IDENTITY,
     METRICS,
     NUM_EXAMPLES,
+    PROFILE,
+    PROFILE_EDGES,
     SEAL_REQUIRED,
     SERVER_ROUND,
     TRAIN_LOSS,
@@ -77,6 +81,8 @@ __all__ = [
     "identity_reply",
     "make_client_app",
 ]
+
+log = logging.getLogger(__name__)
 
 STATE = "fedpipe-client"  # ConfigRecord in context.state that survives rounds
 RESIDUAL = "fedpipe-residual"  # ArrayRecord in context.state: error-feedback residual
@@ -378,15 +384,34 @@ def client_secagg_query(msg: Message, context: Context, cfg: RunConfig) -> Messa
 def client_evaluate(
     msg: Message, context: Context, cfg: RunConfig, store: ModelStore = OWN_COPY
 ) -> Message:
-    """Federated evaluation of the global model on the client's own shard."""
-    server_round = record_int(msg.content.config_records[CONFIG], SERVER_ROUND, 0)
+    """Federated evaluation of the global model on the client's own held-out data, with
+    its histograms for the drift profile when the server asks for them."""
+    config = msg.content.config_records[CONFIG]
+    server_round = record_int(config, SERVER_ROUND, 0)
     task = load_task(cfg.task)
     ctx = _task_context(cfg, context, server_round)
     model, _ = _model(task, ctx, context, msg, store)
-    data = task.train_data(ctx)
+    data = task.eval_data(ctx)
     loss, acc = task.evaluate(model, data, ctx)
     metrics = MetricRecord({NUM_EXAMPLES: len(data), EVAL_LOSS: loss, EVAL_ACCURACY: acc})  # type: ignore[arg-type]
-    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+    content = RecordDict({METRICS: metrics})
+    bins = config.get(PROFILE_EDGES)
+    if isinstance(bins, str):
+        profile = _profile(task, model, data, bins)
+        if profile is not None:
+            content[PROFILE] = ArrayRecord({k: Array(v) for k, v in profile.items()})
+    return Message(content, reply_to=msg)
+
+
+def _profile(task: Task, model: torch.nn.Module, data: object, bins: str) -> Update | None:
+    """Counts of the held-out data in the announced bins; None (and a log line) when the
+    bins or the data cannot be read: the evaluation still counts."""
+    try:
+        edges, classes = parse_bins(bins)
+        return observe_split(model, as_split(data, f"{task.name}.eval_data").x, edges, classes)
+    except Exception as exc:  # noqa: BLE001 - a drift profile must not fail evaluation
+        log.warning("no drift histograms this round: %s", exc)
+        return None
 
 
 def make_client_app(

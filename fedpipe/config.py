@@ -35,6 +35,7 @@ __all__ = [
     "SecurityConfig",
     "SimulationConfig",
     "TrainConfig",
+    "apply_overrides",
     "config_from_dict",
     "config_from_toml",
     "config_to_dict",
@@ -475,9 +476,13 @@ class ExportConfig:
     """`fedpipe export`: the compressed artifacts beside float32 and int8."""
 
     SECTION: ClassVar[str] = "export"
-    # Global magnitude pruning: the fraction of conv/linear weights set to zero.
+    # Global magnitude pruning: the fraction of conv/linear weights set to zero (0: skip).
+    # MNIST CNN (5 rounds, test accuracy 0.9901): 0.7 + int8 is 10.5x smaller than
+    # float32 as stored (0.64 MB, LZMA) at the same accuracy; 0.9 + int8 24.1x, -0.1 pt.
     prune_amount: float = 0.7
-    # Structured pruning: the fraction of each conv layer's output channels removed.
+    # Structured pruning: the fraction of each conv layer's output channels (and of
+    # each hidden layer's units) removed (0: skip). MNIST CNN: 0.25 keeps accuracy,
+    # 0.5 costs 0.15 pt and runs float32 about 3x faster.
     channel_fraction: float = 0.25
 
     def __post_init__(self) -> None:

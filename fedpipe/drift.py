@@ -31,6 +31,7 @@ import torch
 
 __all__ = [
     "DESCRIPTORS",
+    "PROFILE_EXAMPLES",
     "PROFILE_FILE",
     "DeviceProfiles",
     "DriftError",
@@ -38,12 +39,16 @@ __all__ = [
     "Profile",
     "describe",
     "histograms",
+    "observe_split",
+    "probabilities",
+    "parse_bins",
     "psi",
 ]
 
 log = logging.getLogger(__name__)
 
 PROFILE_FILE = "profile.json"
+PROFILE_EXAMPLES = 10_000  # coordinator examples a reference is built from, at most
 INPUTS = ("input_mean", "input_std", "input_min", "input_max")
 DESCRIPTORS = (*INPUTS, "confidence", "predicted")
 CONFIDENCE_EDGES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
@@ -93,6 +98,46 @@ def histograms(
     return out
 
 
+def parse_bins(text: str) -> tuple[dict[str, np.ndarray], int]:
+    """The bins an evaluate config announces (JSON: classes and edges), checked like
+    a profile's: a device computes nothing from bins it cannot trust to be bins."""
+    try:
+        return _checked_bins(json.loads(text))
+    except (KeyError, TypeError, ValueError) as exc:  # DriftError is a ValueError
+        raise DriftError(f"not the bins of a drift profile: {exc}") from exc
+
+
+def _checked_bins(data: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
+    classes = int(data["classes"])
+    if not 1 <= classes <= _MAX_BINS:
+        raise DriftError(f"classes={classes} out of range")
+    edges = {n: np.asarray(data["edges"][n], np.float64) for n in (*INPUTS, "confidence")}
+    for n, e in edges.items():
+        if e.ndim != 1 or len(e) >= _MAX_BINS or not np.all(np.diff(e) > 0):
+            raise DriftError(f"edges of {n} are not increasing numbers")
+    return edges, classes
+
+
+@torch.no_grad()
+def probabilities(model: torch.nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """Softmax of `model` over `x` in batches, (N, classes)."""
+    model.eval()
+    return torch.cat(
+        [torch.softmax(model(x[i : i + batch]).float(), 1) for i in range(0, len(x), batch)]
+    )
+
+
+def observe_split(
+    model: torch.nn.Module, x: torch.Tensor, edges: Mapping[str, np.ndarray], classes: int
+) -> dict[str, np.ndarray]:
+    """A device's histograms of its held-out inputs under `model` (what it reports)."""
+    return histograms(edges, classes, describe(x, probabilities(model, x)))
+
+
+def _all_bins(edges: Mapping[str, np.ndarray], classes: int) -> dict[str, int]:
+    return {n: _bins(edges, classes, n) for n in DESCRIPTORS}
+
+
 def psi(reference: np.ndarray, observed: np.ndarray) -> float:
     """Population stability index of two histograms over the same bins (counts or
     fractions); empty bins count as a small fraction so that it stays finite."""
@@ -122,7 +167,8 @@ class Profile:
 
     @classmethod
     def reference(cls, x: torch.Tensor, probs: torch.Tensor, bins: int = 10) -> Profile:
-        """From the coordinator's own data and the model's probabilities on it."""
+        """From the coordinator's own data and the model's probabilities on it (see
+        `probabilities`)."""
         if len(x) == 0:
             raise DriftError("a profile needs at least one example")
         values = describe(x, probs)
@@ -133,7 +179,7 @@ class Profile:
         return cls(int(probs.shape[1]), edges, fractions, {"coordinator_examples": len(x)})
 
     def bins(self) -> dict[str, int]:
-        return {n: _bins(self.edges, self.classes, n) for n in DESCRIPTORS}
+        return _all_bins(self.edges, self.classes)
 
     def with_devices(self, devices: DeviceProfiles) -> Profile:
         """The coordinator's and the devices' distributions weighed equally, so that
@@ -157,13 +203,7 @@ class Profile:
     def from_json(cls, data: Mapping[str, Any]) -> Profile:
         """A profile as saved, checked: bins per descriptor and fractions that sum to 1."""
         try:
-            classes = int(data["classes"])
-            if not 1 <= classes <= _MAX_BINS:
-                raise DriftError(f"classes={classes} out of range")
-            edges = {n: np.asarray(data["edges"][n], np.float64) for n in INPUTS + ("confidence",)}
-            for n, e in edges.items():
-                if e.ndim != 1 or len(e) >= _MAX_BINS or not np.all(np.diff(e) > 0):
-                    raise DriftError(f"edges of {n} are not increasing numbers")
+            edges, classes = _checked_bins(data)
             fractions = {n: np.asarray(data["fractions"][n], np.float64) for n in DESCRIPTORS}
             for n, f in fractions.items():
                 if f.shape != (_bins(edges, classes, n),) or abs(f.sum() - 1) > 1e-6:
@@ -193,7 +233,7 @@ class DeviceProfiles:
         self._sum = {n: np.zeros(b) for n, b in self.bins().items()}
 
     def bins(self) -> dict[str, int]:
-        return {n: _bins(self.edges, self.classes, n) for n in DESCRIPTORS}
+        return _all_bins(self.edges, self.classes)
 
     def add(self, counts: Mapping[str, np.ndarray], examples: int) -> str | None:
         """One device's histograms (hostile input); None, or why they were refused.

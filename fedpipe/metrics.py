@@ -54,6 +54,24 @@ class RoundRecord:
     downlink_current: int = 0
     downlink_behind: int = 0
     broadcast_seconds: float = 0.0  # server: coding the broadcast's change
+    # Centralized, per class (fedpipe.validation): precision, recall, F1, their mean, and
+    # the confusion matrix (row: true class, column: predicted) up to 100 classes.
+    class_precision: list[float] | None = None
+    class_recall: list[float] | None = None
+    class_f1: list[float] | None = None
+    macro_f1: float | None = None
+    confusion: list[list[int]] | None = None
+    # Federated evaluation (fraction_evaluate > 0): the global model on the sampled
+    # devices' own held-out data; mean and loss weighted by their examples, the rest
+    # across devices.
+    fed_devices: int = 0
+    fed_accuracy: float | None = None
+    fed_accuracy_min: float | None = None
+    fed_accuracy_p10: float | None = None
+    fed_accuracy_max: float | None = None
+    fed_accuracy_std: float | None = None
+    fed_loss: float | None = None
+    fed_rejected: int = 0  # evaluation replies dropped (boundary, names, histograms)
 
 
 def _mb(n: int) -> str:
@@ -66,8 +84,14 @@ def progress_line(rec: RoundRecord, total_rounds: int) -> str:
         bits = f" ({rec.bits_per_param_up:.2f} bit/param, masked {rec.bits_per_param_masked:.2f})"
     if rec.secagg_abandoned:
         bits += " [secure round abandoned: model kept]"
+    devices = (
+        f" | devices {rec.fed_accuracy:.4f}, worst {rec.fed_accuracy_min:.4f}"
+        if rec.fed_accuracy is not None and rec.fed_accuracy_min is not None
+        else ""
+    )
     return (
-        f"round {rec.round:>3}/{total_rounds} | acc {rec.accuracy:.4f} | loss {rec.loss:.4f} | "
+        f"round {rec.round:>3}/{total_rounds} | acc {rec.accuracy:.4f}{devices} | "
+        f"loss {rec.loss:.4f} | "
         f"clients {rec.clients_replied}/{rec.clients_sampled} ok, {rec.clients_failed} failed | "
         f"up {_mb(rec.bytes_up)}{bits} down {_mb(rec.bytes_down)} | "
         f"codec {rec.encode_seconds + rec.decode_seconds:.2f} s | {rec.seconds:.1f} s"
@@ -114,6 +138,7 @@ class MetricsLog:
 
     def summary(self, wall_seconds: float) -> dict[str, Any]:
         last = self.records[-1] if self.records else None
+        federated = [r for r in self.records if r.fed_devices]
         return {
             "rounds": len(self.records),
             "final_accuracy": last.accuracy if last else None,
@@ -122,6 +147,11 @@ class MetricsLog:
             "total_bytes_up": sum(r.bytes_up for r in self.records),
             "total_bytes_down": sum(r.bytes_down for r in self.records),
             "clients_failed": sum(r.clients_failed for r in self.records),
+            "final_macro_f1": last.macro_f1 if last else None,
+            # the last round with federated evaluation (it need not be the last round)
+            "federated_round": federated[-1].round if federated else None,
+            "federated_accuracy": federated[-1].fed_accuracy if federated else None,
+            "worst_device_accuracy": federated[-1].fed_accuracy_min if federated else None,
         }
 
 

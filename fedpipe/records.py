@@ -27,6 +27,8 @@ __all__ = [
     "IDENTITY",
     "METRICS",
     "NUM_EXAMPLES",
+    "PROFILE",
+    "PROFILE_EDGES",
     "RUN_CONFIG_KEY",
     "SEAL_REQUIRED",
     "SEAL_SECONDS",
@@ -51,6 +53,10 @@ UPDATE = "update"  # ArrayRecord: the encoded update (client -> server)
 CODEC = "codec"
 IDENTITY = "identity"  # ConfigRecord: a node's answer to the identify stage (CLIENT_ID)
 METRICS = "metrics"  # MetricRecord: evaluation metrics; seal timing of a training reply
+# ArrayRecord of an evaluation reply: the device's histograms of its held-out data in
+# the bins PROFILE_EDGES gave (fedpipe.drift; counts, never examples).
+PROFILE = "profile"
+PROFILE_EDGES = "profile-edges"  # CONFIG of an evaluate message: the bins, as JSON
 # Message types of fedpipe's stages beyond Flower's default "train"/"evaluate".
 IDENTIFY = "query.identify"  # which client a node is: asked once per node
 # Keys inside records.

@@ -150,6 +150,110 @@ def _clients(runs: list[dict[str, Any]]) -> Figure:
     return fig
 
 
+def _federated(runs: list[dict[str, Any]]) -> Figure | None:
+    """Centralized accuracy beside the devices' own: the mean, the worst device and the
+    band from worst to best (on non-IID data the worst device is what matters)."""
+    fed = [r for r in runs if any(rec.get("fed_devices") for rec in r["rounds"])]
+    if not fed:
+        return None
+    fig, ax = plt.subplots(figsize=(11, 4))
+    for run in fed:
+        rows = [rec for rec in run["rounds"] if rec.get("fed_devices")]
+        xs = [rec["round"] for rec in rows]
+        (line,) = ax.plot(
+            *_series(run, "accuracy"), marker="o", label=f"centralized: {run['label']}"
+        )
+        color = line.get_color()
+        ax.plot(xs, [r["fed_accuracy"] for r in rows], "--", color=color, label="devices: mean")
+        ax.plot(
+            xs,
+            [r["fed_accuracy_min"] for r in rows],
+            ":",
+            marker="v",
+            color=color,
+            label="devices: worst",
+        )
+        ax.fill_between(
+            xs,
+            [r["fed_accuracy_min"] for r in rows],
+            [r["fed_accuracy_max"] for r in rows],
+            color=color,
+            alpha=0.15,
+            label="devices: worst to best",
+        )
+    ax.set(
+        title="Accuracy: centralized test set and devices' own held-out data",
+        xlabel="round",
+        ylabel="accuracy",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _classes(run: dict[str, Any]) -> Figure | None:
+    """Per-class quality: F1 of every class by round, the last round's precision, recall
+    and F1 per class, and its confusion matrix (rows: true class)."""
+    rows = [rec for rec in run["rounds"] if rec.get("class_f1")]
+    if not rows:
+        return None
+    last = rows[-1]
+    f1 = np.asarray([r["class_f1"] for r in rows])  # (rounds, classes)
+    classes = f1.shape[1]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.5), width_ratios=(1.2, 1.2, 1))
+    im = a.imshow(
+        f1.T,
+        aspect="auto",
+        origin="lower",
+        vmin=0,
+        vmax=1,
+        cmap="viridis",
+        extent=(rows[0]["round"] - 0.5, last["round"] + 0.5, -0.5, classes - 0.5),
+    )
+    fig.colorbar(im, ax=a, label="F1")
+    a.set(title="F1 per class by round", xlabel="round", ylabel="class")
+    a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    width = 0.27
+    for k, (key, name) in enumerate(
+        (("class_precision", "precision"), ("class_recall", "recall"), ("class_f1", "F1"))
+    ):
+        b.bar(np.arange(classes) + (k - 1) * width, last[key], width, label=name)
+    b.set(
+        title=f"Per class, round {last['round']} (macro F1 {last.get('macro_f1', 0):.3f})",
+        xlabel="class",
+        ylim=(0, 1.05),
+    )
+    b.legend(fontsize=7, loc="lower right")
+    _confusion(c, last)
+    fig.suptitle(run["label"])
+    fig.tight_layout()
+    return fig
+
+
+def _confusion(ax: Axes, rec: dict[str, Any]) -> None:
+    matrix = rec.get("confusion")
+    if not matrix:
+        ax.set_axis_off()
+        ax.set_title("no confusion matrix (over 100 classes)")
+        return
+    cm = np.asarray(matrix, dtype=np.float64)
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)  # colour: share of the true class
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    if len(cm) <= MANY_CLASSES:  # counts in the cells while they are legible
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(
+                j,
+                i,
+                f"{int(v)}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if share[i, j] > 0.5 else "black",
+            )
+    ax.set(title=f"Confusion matrix, round {rec['round']}", xlabel="predicted", ylabel="true")
+
+
 # Above this many clients, a bar per client is a smear and the plot shows distributions
 # over clients instead; above this many classes, a legend entry per class is noise.
 MANY_CLIENTS = 30
@@ -270,6 +374,13 @@ def write_report(run_dirs: list[Path], out: Path | None = None, force: bool = Fa
         "tradeoff": _tradeoff(runs),
         "clients": _clients(runs),
     }
+    federated = _federated(runs)
+    if federated is not None:
+        figures["federated"] = federated
+    for i, run in enumerate(runs):
+        classes = _classes(run)
+        if classes is not None:
+            figures[f"classes-{i}"] = classes
     shown: list[Any] = []
     for i, run in enumerate(runs):
         if run["partition"] in shown:  # runs of one config share a partition: plot it once
@@ -280,7 +391,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None, force: bool = Fa
             figures[f"partition-{i}"] = fig
     sections = []
     for name, fig in figures.items():
-        if not name.startswith("partition") and name != "tradeoff":  # x: rounds
+        if name in ("accuracy", "bytes", "clients", "federated"):  # x: rounds
             _rounds_axis(fig)
         path = out / f"{name}.png"
         fig.savefig(path, dpi=110)

@@ -16,6 +16,7 @@ from fedpipe.config import RunConfig, config_to_dict, config_to_toml
 
 __all__ = [
     "CONFIG_FILE",
+    "DEVICE_PROFILE_FILE",
     "METRICS_FILE",
     "MODEL_FILE",
     "PARTITION_FILE",
@@ -31,6 +32,9 @@ METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.pt"
 SUMMARY_FILE = "summary.json"
 PARTITION_FILE = "partition.json"
+# The devices' histograms of their held-out data in the last federated evaluation
+# (fedpipe.drift.DeviceProfiles): half of the exported model's drift reference.
+DEVICE_PROFILE_FILE = "device_profile.json"
 
 
 def create_run_dir(cfg: RunConfig) -> Path:

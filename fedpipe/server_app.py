@@ -22,15 +22,25 @@ from fedpipe.config import RunConfig
 from fedpipe.crypto.keys import load_aggregator_key
 from fedpipe.crypto.seal import Binding, open_sealed
 from fedpipe.data import Split
+from fedpipe.drift import PROFILE_EXAMPLES, Profile, probabilities
 from fedpipe.grid import BoundedGrid
+from fedpipe.lineage import finish_lineage, load_parent, start_lineage
 from fedpipe.metrics import MetricsLog
 from fedpipe.progress import RoundProgress
 from fedpipe.records import config_from_run_config
 from fedpipe.rounds.engine import RoundPlan
-from fedpipe.rundir import METRICS_FILE, MODEL_FILE, SUMMARY_FILE, save_model, write_json
+from fedpipe.rundir import (
+    DEVICE_PROFILE_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    SUMMARY_FILE,
+    save_model,
+    write_json,
+)
 from fedpipe.seed import set_seed
 from fedpipe.strategy import CodecStrategy, build_strategy, streams
 from fedpipe.task import TaskContext, load_task
+from fedpipe.validation import class_record
 
 __all__ = ["make_opener", "make_server_app", "run_server"]
 
@@ -66,6 +76,15 @@ def _input_shape(test: Split | Dataset | None) -> tuple[int, ...]:  # type: igno
     return tuple(torch.as_tensor(test[0][0]).shape)
 
 
+def _reference(model: torch.nn.Module, test: Split | Dataset | None) -> Profile | None:  # type: ignore[type-arg]
+    """The bins devices report their held-out data in: deciles of the coordinator's test
+    inputs (None without test data, or data fedpipe cannot read as tensors)."""
+    if not isinstance(test, Split) or len(test) == 0:
+        return None
+    x = test.x[:PROFILE_EXAMPLES]
+    return Profile.reference(x, probabilities(model, x))
+
+
 def make_opener(run_id: int, key: X25519PrivateKey) -> Opener:
     """Opens a sealed update for (round, node) of run `run_id` with the aggregator key."""
 
@@ -93,6 +112,9 @@ def run_server(
     task = load_task(cfg.task)
     ctx = TaskContext(cfg, None, {})
     model = task.model(ctx)  # seeded init
+    parent = load_parent(cfg.model.init) if cfg.model.init and not resume else None
+    if parent is not None:  # warm start: the parent run's global model
+        task.load_weights(model, parent.state_dict)
     test = task.test_data(ctx)
     if test is None:
         log.warning("task %s has no test_data: no centralized evaluation", task.name)
@@ -114,8 +136,19 @@ def run_server(
         if test is None:
             return None
         model.load_state_dict(arrays.to_torch_state_dict())
-        loss, acc = task.evaluate(model, test, ctx)
-        return MetricRecord({"accuracy": acc, "loss": loss})
+        v = task.validate(model, test, ctx)
+        per_class = class_record(v.confusion) if v.confusion is not None else {}
+        return MetricRecord({"accuracy": v.accuracy, "loss": v.loss, **per_class})
+
+    if not resume:
+        first = central_evaluate(0, ArrayRecord(model.state_dict()))
+        start_lineage(
+            run_dir,
+            cfg,
+            model.state_dict(),
+            parent,
+            float(first["accuracy"]) if first is not None else None,  # type: ignore[arg-type]
+        )
 
     strategy = CodecStrategy(
         inner,
@@ -139,6 +172,7 @@ def run_server(
         ),
         on_progress=view.clients_done,
         secagg=cfg.secagg if cfg.security.secagg == "on" else None,
+        profile=_reference(model, test) if cfg.federation.fraction_evaluate > 0 else None,
     )
     if done < cfg.federation.rounds:
         with _closing(view):
@@ -152,6 +186,9 @@ def run_server(
             )
         model.load_state_dict(result.arrays.to_torch_state_dict())
     save_model(run_dir / MODEL_FILE, model, cfg, _input_shape(test))
+    finish_lineage(run_dir, model.state_dict())
+    if strategy.device_profiles is not None:
+        write_json(run_dir / DEVICE_PROFILE_FILE, strategy.device_profiles.to_json())
     summary = metrics.summary(time.perf_counter() - t0)
     write_json(run_dir / SUMMARY_FILE, summary)
     _report(run_dir)

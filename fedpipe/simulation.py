@@ -24,6 +24,7 @@ from fedpipe.config import RunConfig
 from fedpipe.data import load_dataset, partition_indices
 from fedpipe.deploy.processes import OFFLINE_ENV
 from fedpipe.errors import os_reason
+from fedpipe.lineage import LineageError, load_parent
 from fedpipe.partition_info import write_partition_info
 from fedpipe.rundir import (
     METRICS_FILE,
@@ -137,6 +138,11 @@ def run_simulation(cfg: RunConfig, run_dir: Path | None = None) -> SimulationRes
         load_dataset(cfg.data)
     else:  # a task that cannot be imported fails here, not in every worker
         load_task(cfg.task)
+    if cfg.model.init:  # a warm start from a run that is not there fails before Ray
+        try:
+            load_parent(cfg.model.init)
+        except LineageError as exc:
+            raise RunFailed(str(exc)) from exc
     if run_dir is not None:
         return _simulate(cfg, run_dir)
     made_output_dir = not Path(cfg.output_dir).exists()

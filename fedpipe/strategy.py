@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,14 +67,17 @@ from fedpipe.config import (
     SecAggConfig,
 )
 from fedpipe.downlink import Broadcaster, Decisions
+from fedpipe.drift import DeviceProfiles, Profile
 from fedpipe.influence import InfluenceGuard, ReferenceGate, update_norm
 from fedpipe.metrics import RoundRecord
 from fedpipe.records import ARRAYS, METRICS, NUM_EXAMPLES, SEAL_REQUIRED, TRAIN_LOSS, wire_bytes
 from fedpipe.rounds.accumulate import BufferedUpdates, ExactSum, HeldUpdate, OutOfRange
 from fedpipe.rounds.engine import RoundEngine, RoundPlan
+from fedpipe.rounds.evaluation import EvaluationIntake, EvaluationResult, profile_config
 from fedpipe.secagg.keys import RoundId
 from fedpipe.secagg.quant import dequantize_sum
 from fedpipe.secagg.server import SecAggRound
+from fedpipe.validation import round_fields
 
 __all__ = [
     "CodecStrategy",
@@ -179,6 +181,7 @@ class _Round:
     secagg_replies: list[int] | None = None  # valid replies per SecAgg stage
     downlink: Decisions = field(default_factory=Decisions)  # what each message carried
     broadcast_seconds: float = 0.0
+    evaluation: EvaluationResult | None = None  # federated evaluation, when it ran
 
 
 Pending = tuple[DecodedReply, float]  # a decoded reply and its update's L2 norm
@@ -220,6 +223,7 @@ class CodecStrategy(Strategy):
         on_progress: Callable[[int, int, int], None] | None = None,
         secagg: SecAggConfig | None = None,
         announce: Mapping[str, ConfigRecordValues] | None = None,
+        profile: Profile | None = None,
     ) -> None:
         self.inner = inner
         self.codec = codec
@@ -250,6 +254,10 @@ class CodecStrategy(Strategy):
         # Settings every train and evaluate config carries (fedpipe.flower.spec: how a
         # device's fedpipe_mod learns the codecs).
         self.announce = dict(announce or {})
+        # Drift: federated evaluation asks devices for histograms in this profile's bins;
+        # the last round's, merged, are kept for the exported model's reference profile.
+        self.profile = profile
+        self.device_profiles: DeviceProfiles | None = None
 
     # -- sending ----------------------------------------------------------------------
 
@@ -319,7 +327,8 @@ class CodecStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        config = ConfigRecord({**config, **self.announce})
+        extra = profile_config(self.profile) if self.profile is not None else {}
+        config = ConfigRecord({**config, **self.announce, **extra})
         return self._send(self.inner.configure_evaluate(server_round, arrays, config, grid))
 
     # -- receiving --------------------------------------------------------------------
@@ -553,30 +562,22 @@ class CodecStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Federated evaluation replies through the same boundary, then one set of metric
-        names for all (Flower ends the round on replies that differ): the names a strict
-        majority of the checked replies report. Other names are dropped; a reply without
-        all of them is dropped, so one odd reply can neither end the round nor decide
-        what the others report."""
-        checked: list[tuple[int, MetricRecord]] = []
+        """Federated evaluation replies through the same boundary, then what Flower
+        averages (fedpipe.rounds.evaluation: one set of metric names for all), the
+        spread across devices and the devices' histograms for the drift profile."""
+        intake = EvaluationIntake(self.profile)
         for msg in replies:
             self._answered(msg)
             out = self._boundary.evaluate(msg)
             if isinstance(out, Rejection):
-                log.warning("evaluation reply from node %d dropped: %s", out.node_id, out.reason)
+                intake.reject(out.node_id, out.reason)
                 continue
             self._round.bytes_up += wire_bytes(msg.content)  # checked: safe to serialize
-            checked.append((msg.metadata.src_node_id, out.metric_records[METRICS]))
-        counts = Counter(name for _, metrics in checked for name in metrics)
-        names = sorted(k for k, c in counts.items() if 2 * c > len(checked))
-        kept: list[Message] = []
-        for node, metrics in checked:
-            missing = sorted(set(names) - set(metrics))
-            if missing:
-                log.warning("evaluation reply from node %d dropped: lacks %s", node, missing)
-                continue
-            content = RecordDict({METRICS: MetricRecord({k: metrics[k] for k in names})})
-            kept.append(Message(content, dst_node_id=node, message_type="evaluate"))
+            intake.add(msg.metadata.src_node_id, out)
+        kept = intake.kept()
+        self._round.evaluation = intake.result()
+        if intake.profiles is not None and intake.profiles.devices:
+            self.device_profiles = intake.profiles
         if not kept:
             return None
         return self.inner.aggregate_evaluate(server_round, kept)
@@ -626,6 +627,8 @@ class CodecStrategy(Strategy):
             downlink_current=r.downlink.current,
             downlink_behind=r.downlink.behind,
             broadcast_seconds=r.broadcast_seconds,
+            **round_fields(central),
+            **(r.evaluation.fields() if r.evaluation is not None else {}),
         )
         if self.on_round_end is not None:
             self.on_round_end(rec)

@@ -7,6 +7,8 @@ each taking a `TaskContext`:
     def model(ctx) -> torch.nn.Module                    # required: a fresh model
     def train_data(ctx) -> Split | torch.utils.data.Dataset   # required: this client's
     def test_data(ctx) -> Split | Dataset | None          # the server's held-out data
+    def eval_data(ctx) -> Split | Dataset                 # a client's own held-out data
+                                                          # (default: train_data)
     def train(model, data, ctx) -> TrainResult            # default: fedpipe's loop
     def evaluate(model, data, ctx) -> tuple[float, float] # (loss, accuracy); default: fedpipe's
     def calibration_data(ctx) -> Split | Dataset          # int8 export; default: test_data
@@ -23,6 +25,7 @@ do not fit the global model, data that is not data), fails with a TaskError nami
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -35,13 +38,14 @@ from torch.utils.data import Dataset
 
 from fedpipe.config import RunConfig
 from fedpipe.data import Split
-from fedpipe.training import TrainResult
-from fedpipe.training import evaluate as fedpipe_evaluate
+from fedpipe.training import TrainResult, Validation
 from fedpipe.training import train as fedpipe_train
+from fedpipe.training import validate as fedpipe_validate
 
 __all__ = ["BUILTIN", "Task", "TaskContext", "TaskError", "as_split", "load_task"]
 
 BUILTIN = "fedpipe.builtin_task"
+log = logging.getLogger(__name__)
 
 
 class TaskError(RuntimeError):
@@ -161,18 +165,48 @@ class Task:
             )
         return result
 
+    def eval_data(self, ctx: TaskContext) -> Data:
+        """A client's own held-out data for federated evaluation (default: its training
+        data, which flatters the model: give a task `eval_data`, or set
+        partition.holdout for the built-in one)."""
+        if self._fn("eval_data") is None:
+            return self.train_data(ctx)
+        data = self._call("eval_data", ctx)
+        if not isinstance(data, Split | Dataset):
+            raise TaskError(f"{self.name}.eval_data returned {type(data).__name__}, not data")
+        return data
+
+    def _split(self, data: Data) -> Split:
+        read = self._read  # one read, in case a server and a client share the task
+        if read is None or read[0] is not data:
+            read = self._read = (data, as_split(data, f"{self.name} data"))
+        return read[1]
+
     def evaluate(self, model: nn.Module, data: Data, ctx: TaskContext) -> tuple[float, float]:
         if self._fn("evaluate") is None:
-            read = self._read  # one read, in case a server and a client share the task
-            if read is None or read[0] is not data:
-                read = self._read = (data, as_split(data, f"{self.name} data"))
-            return fedpipe_evaluate(model, read[1], device=ctx.device)
+            v = fedpipe_validate(model, self._split(data), device=ctx.device)
+            return v.loss, v.accuracy
         out = self._call("evaluate", model, data, ctx)
         try:
             loss, accuracy = (float(v) for v in out)
         except (TypeError, ValueError) as exc:
             raise TaskError(f"{self.name}.evaluate returned {out!r}, not (loss, accuracy)") from exc
         return loss, accuracy
+
+    def validate(self, model: nn.Module, data: Data, ctx: TaskContext) -> Validation:
+        """The coordinator's evaluation: loss and accuracy as the task defines them, and
+        the confusion matrix of the model's argmax over its outputs (one pass with
+        fedpipe's loop; a task's own evaluate gets a second pass, and no matrix if its model
+        is not a classifier of the data's inputs)."""
+        if self._fn("evaluate") is None:
+            return fedpipe_validate(model, self._split(data), device=ctx.device)
+        loss, accuracy = self.evaluate(model, data, ctx)
+        try:
+            confusion = fedpipe_validate(model, self._split(data), device=ctx.device).confusion
+        except Exception as exc:  # noqa: BLE001 - a model that is not a classifier of (x, y)
+            log.warning("no per-class metrics for task %s: %s", self.name, exc)
+            confusion = None
+        return Validation(loss, accuracy, confusion)
 
 
 @lru_cache(maxsize=8)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from fedpipe.config import TrainConfig
 from fedpipe.data import Split
 
-__all__ = ["TrainResult", "evaluate", "select_device", "train"]
+__all__ = ["TrainResult", "Validation", "evaluate", "select_device", "train", "validate"]
 
 
 def select_device(preference: str) -> torch.device:
@@ -98,21 +99,42 @@ def train(
     return TrainResult(loss=mean_loss, num_examples=len(data), steps=steps)
 
 
+@dataclass(frozen=True)
+class Validation:
+    loss: float  # mean cross-entropy
+    accuracy: float
+    # (classes, classes) int64: row = true class, column = predicted; None when a task's
+    # own evaluate scores a model fedpipe cannot read predictions from
+    confusion: np.ndarray | None
+
+
 @torch.no_grad()
-def evaluate(
+def validate(
     model: nn.Module, data: Split, batch_size: int = 1024, device: torch.device | None = None
-) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) of `model` on `data`."""
+) -> Validation:
+    """Loss, accuracy and the confusion matrix of `model` on `data`, in one pass."""
     if len(data) == 0:
         raise ValueError("cannot evaluate on an empty split")
     device = device or torch.device("cpu")
     model.to(device).eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    loss, correct = 0.0, 0
+    loss, pairs = 0.0, []
+    classes = 0
     for start in range(0, len(data), batch_size):
         xb = data.x[start : start + batch_size].to(device)
         yb = data.y[start : start + batch_size].to(device)
         logits = model(xb).float()
         loss += float(loss_fn(logits, yb))
-        correct += int((logits.argmax(1) == yb).sum())
-    return loss / len(data), correct / len(data)
+        classes = logits.shape[1]
+        pairs.append(yb * classes + logits.argmax(1))  # (B,) flat confusion cell
+    cells = torch.bincount(torch.cat(pairs).cpu(), minlength=classes * classes)
+    confusion = cells[: classes * classes].numpy().reshape(classes, classes).astype(np.int64)
+    return Validation(loss / len(data), float(np.trace(confusion)) / len(data), confusion)
+
+
+def evaluate(
+    model: nn.Module, data: Split, batch_size: int = 1024, device: torch.device | None = None
+) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) of `model` on `data`."""
+    v = validate(model, data, batch_size, device)
+    return v.loss, v.accuracy

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -32,47 +32,57 @@ def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture
-def task_identity() -> Iterator[None]:
-    """Flower's runtime sets who is sending messages; an in-process test must do it itself."""
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None  # type: ignore[assignment]
+RunFactory = Callable[[Sequence[str]], Path]
 
 
 @pytest.fixture(scope="session")
-def digits_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """Finished runs of 3 rounds on the digits data (3 clients, the default MLP, 3 local
-    epochs), one per update codec, each trained once per session on first use.
-
-    Shared: a test that changes a run (an export, a report) works on a copy.
-    """
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> RunFactory:
+    """Makes runs of 3 real in-process rounds on the digits data (default MLP, 3 clients),
+    with extra ``key=value`` overrides."""
     from test_resume import InProcessGrid
 
     from fedpipe.config import load_config
     from fedpipe.rundir import create_run_dir
     from fedpipe.server_app import run_server
 
-    made: dict[str, Path] = {}
+    def make(overrides: Sequence[str]) -> Path:
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+        out = tmp_path_factory.mktemp("run")
+        base = ["partition.num_clients=3", "federation.rounds=3", "federation.min_nodes=3"]
+        cfg = load_config(None, [f"output_dir='{out}'", *base, *overrides])
+        run_dir = create_run_dir(cfg)
+        run_server(InProcessGrid(cfg), cfg, run_dir)  # type: ignore[arg-type]
+        return run_dir
 
-    def run(scheme: str) -> Path:
-        if scheme not in made:
-            TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-            cfg = load_config(
-                None,
-                [
-                    f"output_dir='{tmp_path_factory.mktemp(scheme)}'",
-                    "partition.num_clients=3",
-                    "federation.rounds=3",
-                    "federation.min_nodes=3",
-                    f"codec.scheme='{scheme}'",
-                ],
-            )
-            made[scheme] = create_run_dir(cfg)
-            run_server(InProcessGrid(cfg), cfg, made[scheme])  # type: ignore[arg-type]
-        return made[scheme]
+    return make
 
-    return run
+
+@pytest.fixture(scope="session")
+def digits_run(finished_run: RunFactory) -> Path:
+    """One finished float32 MLP run with federated evaluation on devices' held-out fifth,
+    shared by the report and export tests (read-only: a test that writes into it takes a
+    private_copy)."""
+    return finished_run(["federation.fraction_evaluate=1.0", "partition.holdout=0.2"])
+
+
+@pytest.fixture
+def private_copy(tmp_path: Path) -> Callable[[Path], Path]:
+    """Copies a shared run into this test's folder (without another test's export or
+    report), for a test that writes into it."""
+
+    def copy(run: Path) -> Path:
+        ignore = shutil.ignore_patterns("export", "report")
+        return Path(shutil.copytree(run, tmp_path / run.name, ignore=ignore))
+
+    return copy
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """Flower's runtime sets who is sending messages; an in-process test must do it itself."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None  # type: ignore[assignment]
 
 
 def flower_processes() -> dict[int, str]:

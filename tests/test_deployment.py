@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -180,6 +181,17 @@ def test_tls_coordinator_and_three_devices_complete_a_run(deployment: Deployment
     assert rounds[-1]["accuracy"] > 0.5
     assert "round   3/3" in d.log("server.log")
     assert all(c.poll() is None for c in clients)  # devices stay up for the next run
+    # Closing the loop: the next run, on the same devices, starts from this run's model.
+    retrain = d.server(
+        *args[:3], *SERVER_ARGS, *d.common, f"output_dir='{d.root / 'retrain'}'",
+        "--init-from", str(run), log="retrain.log",
+    )  # fmt: skip
+    assert retrain.wait(300) == 0, d.log("retrain.log")
+    child = next((d.root / "retrain").iterdir())
+    lineage = json.loads((child / "lineage.json").read_text())
+    assert lineage["parent"]["run_dir"] == str(run.resolve())
+    assert lineage["initial_accuracy"] == rounds[-1]["accuracy"]  # it starts where run ended
+    assert read_metrics(child / METRICS_FILE)[0]["accuracy"] >= rounds[-1]["accuracy"] - 0.05
 
 
 @pytest.mark.parametrize("deployment", [3], indirect=True)

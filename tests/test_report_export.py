@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib.image as mpimg
+import numpy as np
 import pytest
 import torch
 
 from fedpipe.cli.main import main as fedpipe_main
-from fedpipe.config import load_config
+from fedpipe.config import ConfigError, load_config
 from fedpipe.data import load_dataset
 from fedpipe.export import ExportError, export_run, load_run_model
 from fedpipe.metrics import RoundRecord
@@ -23,9 +24,10 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")
-def runs(digits_runs: Callable[[str], Path]) -> list[Path]:
-    """Two finished runs (float32 and int4 updates) of 3 rounds on the digits data."""
-    return [digits_runs("float32"), digits_runs("int4")]
+def runs(digits_run: Path, finished_run: Callable[[Sequence[str]], Path]) -> list[Path]:
+    """Two finished runs (float32 and int4 updates) of 3 rounds on the digits data; the
+    float32 one with federated evaluation."""
+    return [digits_run, finished_run(["codec.scheme='int4'", "partition.holdout=0.2"])]
 
 
 def test_a_finished_run_has_its_report(runs: list[Path]) -> None:
@@ -161,3 +163,90 @@ def test_report_of_few_clients_keeps_per_client_bars(tmp_path: Path) -> None:
     (ax,) = fig.axes
     assert ax.get_legend() is not None and len(ax.get_legend().get_texts()) == 10
     assert len(ax.patches) == 10 * 10  # a bar per client and class
+
+
+def test_report_draws_per_class_metrics_and_the_confusion_matrix(
+    runs: list[Path], tmp_path: Path
+) -> None:
+    from fedpipe.metrics import read_metrics
+    from fedpipe.report import _classes, _federated, _load
+    from fedpipe.training import validate
+
+    rounds = read_metrics(runs[0] / "metrics.jsonl")
+    model, cfg, _ = load_run_model(runs[0])
+    test = load_dataset(cfg.data).test
+    last = rounds[-1]
+    expected = validate(model, test).confusion
+    assert expected is not None and last["confusion"] == expected.tolist()
+    assert all(len(r["class_f1"]) == 10 and r["macro_f1"] is not None for r in rounds)
+    fig = _classes(_load(runs[0]))
+    assert fig is not None
+    heat, bars, confusion, _colorbar = fig.axes
+    assert heat.images[0].get_array().shape == (10, 3)  # classes x rounds
+    assert len(bars.patches) == 3 * 10  # precision, recall, F1 per class
+    shown = confusion.images[0].get_array()
+    np.testing.assert_allclose(shown, expected / expected.sum(1, keepdims=True))
+    assert len(confusion.texts) == 100  # the counts, legible at 10 classes
+    fed = _federated([_load(r) for r in runs])
+    assert fed is not None  # the int4 run has no federated evaluation: only float32's lines
+    (ax,) = fed.axes
+    assert len(ax.lines) == 3 and [t.get_text() for t in ax.get_legend().get_texts()][1:] == [
+        "devices: mean",
+        "devices: worst",
+        "devices: worst to best",
+    ]
+    write_report(runs, out=tmp_path / "r")
+    assert {"classes-0", "classes-1", "federated"} <= {p.stem for p in (tmp_path / "r").glob("*")}
+    assert all(r["fed_devices"] == 3 and r["fed_accuracy_min"] <= r["fed_accuracy"] for r in rounds)
+
+
+def test_release_gate_refuses_and_accepts_as_configured(
+    runs: list[Path], private_copy: Callable[[Path], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from fedpipe.export import ReleaseRefused
+    from fedpipe.metrics import read_metrics
+
+    run = private_copy(runs[0])
+    # One device 0.2 below the centralized accuracy in the last round (on these IID
+    # digits every device scores about the average).
+    rounds = read_metrics(run / "metrics.jsonl")
+    last = rounds[-1]
+    last["fed_accuracy_min"] = last["accuracy"] - 0.2
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    with pytest.raises(ReleaseRefused, match=r"release.min_accuracy: test accuracy .* below"):
+        export_run(run, overrides=[f"release.min_accuracy={last['accuracy'] + 0.01}"])
+    assert not (run / "export").exists()  # nothing written
+    assert fedpipe_main(["export", str(run), "release.max_worst_client_drop=0.1"]) == 3
+    err = capsys.readouterr().err
+    assert "worst of 3 devices scored" in err and "over the bar 0.1" in err
+    assert not (run / "export").exists()
+    # The int4 run never evaluated on devices: the drop bar cannot be checked, so it fails.
+    other = private_copy(runs[1])
+    with pytest.raises(ReleaseRefused, match="no federated evaluation"):
+        export_run(other, overrides=["release.max_worst_client_drop=0.5"])
+    with pytest.raises(ConfigError, match="task and model"):
+        export_run(run, overrides=["model.hidden=3"])
+    # Bars the model clears: exported, with the verdict beside the artifacts.
+    bars = [f"release.min_accuracy={last['accuracy'] - 0.01}", "release.max_worst_client_drop=0.25"]
+    export_run(run, overrides=bars)
+    verdict = json.loads((run / "export" / "release.json").read_text())
+    assert verdict["passed"] and not verdict["forced"] and len(verdict["criteria"]) == 2
+    # Forced past a bar it fails: exported, and release.json says so.
+    assert fedpipe_main(["export", str(other), "release.min_accuracy=1.0", "--ignore-gate"]) == 0
+    verdict = json.loads((other / "export" / "release.json").read_text())
+    assert verdict["forced"] and not verdict["passed"]
+
+
+def test_export_profile_joins_the_devices_histograms(
+    runs: list[Path], private_copy: Callable[[Path], Path]
+) -> None:
+    from fedpipe.drift import Profile
+
+    with_devices, without = private_copy(runs[0]), private_copy(runs[1])
+    for run in (with_devices, without):
+        export_run(run)
+    profile = Profile.load(with_devices / "export" / "profile.json")
+    assert profile.sources["devices"] == 3 and profile.sources["coordinator_examples"] > 0
+    assert "devices" not in Profile.load(without / "export" / "profile.json").sources

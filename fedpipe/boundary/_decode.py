@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedpipe.boundary._records import (
     ReplyLimits,
@@ -37,6 +37,7 @@ from fedpipe.records import (
     IDENTITY,
     METRICS,
     NUM_EXAMPLES,
+    PROFILE,
     SEAL_SECONDS,
     TRAIN_LOSS,
     TRAIN_SECONDS,
@@ -183,16 +184,25 @@ class DecodeBoundary:
         try:
             if msg.has_error():
                 return Rejection(node, f"client error: {_last_line(msg.error.reason)}")
-            check_layout(msg.content, {METRICS: MetricRecord}, {})
+            check_layout(msg.content, {METRICS: MetricRecord}, {PROFILE: ArrayRecord})
             values = metric_values(msg.content.metric_records[METRICS], self.limits, METRICS)
             values[NUM_EXAMPLES] = _int(values, NUM_EXAMPLES, 1, self.max_examples)
             if EVAL_ACCURACY in values:
                 values[EVAL_ACCURACY] = _number(values, EVAL_ACCURACY, 0.0, 1.0)
-            return RecordDict({METRICS: MetricRecord(values)})  # type: ignore[arg-type]
+            out = RecordDict({METRICS: MetricRecord(values)})  # type: ignore[arg-type]
+            if PROFILE in msg.content:  # histograms: checked against the bins by the strategy
+                parsed = parse_arrays(msg.content.array_records[PROFILE], PROFILE_LIMITS, PROFILE)
+                out[PROFILE] = ArrayRecord({k: Array(v) for k, v in parsed.items()})
+            return out
         except PayloadError as exc:
             return Rejection(node, f"bad evaluation reply: {safe_text(str(exc))}")
         except Exception as exc:  # noqa: BLE001 - the boundary is total by design
             return Rejection(node, f"undecodable evaluation reply ({type(exc).__name__})")
+
+
+# An evaluation reply's histograms (fedpipe.drift): a few descriptors of at most a few
+# thousand bins each.
+PROFILE_LIMITS = ReplyLimits(max_array_bytes=1 << 20, max_arrays=16)
 
 
 def decode_identity(msg: Message) -> int | Rejection:

@@ -24,6 +24,7 @@ from fedpipe.errors import os_reason
 from fedpipe.serve import ServeConfig
 
 Handler = Callable[[argparse.Namespace], int]
+RELEASE_REFUSED = 3  # exit status of an export the release gate refused
 
 
 def _certs(args: argparse.Namespace) -> int:
@@ -59,9 +60,19 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fedpipe.export import export_run, markdown_table
+    from fedpipe.export import ReleaseRefused, export_run, markdown_table
 
-    rows = export_run(Path(args.run), force=args.force, threads=args.threads)
+    try:
+        rows = export_run(
+            Path(args.run),
+            force=args.force,
+            threads=args.threads,
+            overrides=args.overrides,
+            ignore_gate=args.ignore_gate,
+        )
+    except ReleaseRefused as exc:
+        print(f"fedpipe export: refused: {exc}", file=sys.stderr)
+        return RELEASE_REFUSED
     print(markdown_table(rows), end="")
     print(f"-> {Path(args.run) / 'export'}")
     return 0
@@ -118,8 +129,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="overwrite an existing report")
     r.set_defaults(handler=_report)
 
-    e = sub.add_parser("export", help="TorchScript float32 and int8 models, checked and timed")
+    e = sub.add_parser(
+        "export", help="TorchScript float32, int8 and pruned models, gated, checked and timed"
+    )
     e.add_argument("run", metavar="RUN_DIR")
+    e.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="over the run's own config, e.g. release.min_accuracy=0.98 export.prune_amount=0.8",
+    )
+    e.add_argument(
+        "--ignore-gate",
+        action="store_true",
+        help="export a model below the release bar anyway (release.json records it)",
+    )
     e.add_argument("--threads", type=int, default=1, help="CPU threads for the timings")
     e.add_argument("--force", action="store_true", help="overwrite <run>/export")
     e.set_defaults(handler=_export)
@@ -191,8 +215,21 @@ def _os_error(exc: OSError, args: argparse.Namespace) -> str:
     return f"cannot write {path}: {os_reason(exc)}; {fix}"
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """argparse, plus ``key=value`` overrides after an option (`export RUN --force a=1`):
+    argparse stops filling a positional list once an option follows the positional
+    before it, and would reject them."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and "overrides" in args and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -2,7 +2,8 @@
 
 Starts a Flower SuperLink (state in <run dir>/flower/superlink.db), submits the fedpipe
 run, prints each round, writes the run directory, and stops everything on exit.
-`--resume RUN_DIR` continues a run that was killed, from its last checkpoint.
+`--resume RUN_DIR` continues a run that was killed, from its last checkpoint;
+`--init-from RUN_DIR` starts a new run from a finished run's global model.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fedpipe.cli.args import Parser, port
 from fedpipe.config import ConfigError, load_config
 from fedpipe.deploy.coordinator import CoordinatorOptions, DeployError, run_coordinator
 from fedpipe.errors import os_message
+from fedpipe.lineage import LineageError, load_parent
 from fedpipe.simulation import quiet_flower
 
 INSECURE_WARNING = (
@@ -49,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
         help="aggregator private key from `fedpipe keys` (updates are sealed to it)",
     )
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed run")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="RUN_DIR",
+        help="start from that run's global model (same as model.init=RUN_DIR); the run "
+        "records it in lineage.json",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -96,14 +105,19 @@ def main(argv: list[str] | None = None) -> int:
             node_keys=_public_keys(args.node_keys),
             seal_key=args.seal_key,
         )
-        cfg = None if args.resume else load_config(args.config, args.overrides)
+        if args.init_from is not None and args.resume:
+            raise ConfigError("--init-from starts a new run; --resume continues one: not both")
+        init = [f"model.init={args.init_from.resolve()}"] if args.init_from else []
+        cfg = None if args.resume else load_config(args.config, [*args.overrides, *init])
+        if cfg is not None and cfg.model.init:
+            load_parent(cfg.model.init)  # a bad parent fails before any process starts
         result = run_coordinator(cfg, opts, resume_dir=args.resume)
     except KeyboardInterrupt:
         print("fedpipe-server: interrupted; all processes stopped", file=sys.stderr)
         return 130
-    except (ConfigError, DeployError) as exc:
+    except (ConfigError, DeployError, LineageError) as exc:
         print(f"fedpipe-server: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+        return 2 if isinstance(exc, ConfigError | LineageError) else 1
     except OSError as exc:  # a missing dataset (its message says where fedpipe looked), ...
         print(f"fedpipe-server: error: {os_message(exc)}", file=sys.stderr)
         return 1
