@@ -181,7 +181,12 @@ def test_tls_coordinator_and_three_devices_complete_a_run(deployment: Deployment
     assert rounds[-1]["accuracy"] > 0.5
     assert "round   3/3" in d.log("server.log")
     assert all(c.poll() is None for c in clients)  # devices stay up for the next run
-    # Closing the loop: the next run, on the same devices, starts from this run's model.
+    # Closing the loop: the next run starts from this run's model. (A new SuperLink does
+    # not know the old one's nodes: the devices join it afresh.)
+    for c in clients:
+        c.send_signal(signal.SIGTERM)
+        c.wait(60)
+    clients = [d.client(i, log=f"client-{i}-retrain.log") for i in range(3)]
     retrain = d.server(
         *args[:3], *SERVER_ARGS, *d.common, f"output_dir='{d.root / 'retrain'}'",
         "--init-from", str(run), log="retrain.log",
