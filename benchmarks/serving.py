@@ -174,9 +174,9 @@ def _cell(
     port: int, requests: list[bytes], clients: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     _run(_load(port, requests, clients, args.warmup))
-    before, t0 = _scrape(port), time.perf_counter()
+    before, t0, c0 = _scrape(port), time.perf_counter(), time.process_time()
     load = _run(_load(port, requests, clients, args.seconds))
-    wall, after = time.perf_counter() - t0, _scrape(port)
+    wall, client_cpu, after = time.perf_counter() - t0, time.process_time() - c0, _scrape(port)
     lat = sorted(load["latencies"])
     batches = after["fedpipe_batch_size_count"] - before["fedpipe_batch_size_count"]
     examples = after["fedpipe_batch_size_sum"] - before["fedpipe_batch_size_sum"]
@@ -192,6 +192,7 @@ def _cell(
         "overloaded_503": load["errors"].count(503),
         "mean_batch": examples / batches if batches else None,
         "server_cpu": cpu / wall,  # cores
+        "client_cpu": client_cpu / wall,  # cores: the load generator's own share
     }
 
 
@@ -219,15 +220,16 @@ def _export_info(run: Path) -> dict[str, Any]:
 
 def _table(rows: list[dict[str, Any]]) -> None:
     print("\n| artifact | mode | clients | req/s | p50 ms | p99 ms | errors (503) | mean batch "
-          "| server CPU |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| server CPU | client CPU |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         batch = f"{r['mean_batch']:.1f}" if r["mean_batch"] else "-"
         p50 = f"{r['p50_ms']:.2f}" if r["p50_ms"] is not None else "-"
         p99 = f"{r['p99_ms']:.2f}" if r["p99_ms"] is not None else "-"
         print(
             f"| {r['artifact']} | {r['mode']} | {r['clients']} | {r['throughput']:.0f} | {p50} "
-            f"| {p99} | {r['errors']} ({r['overloaded_503']}) | {batch} | {r['server_cpu']:.2f} |"
+            f"| {p99} | {r['errors']} ({r['overloaded_503']}) | {batch} | {r['server_cpu']:.2f} "
+            f"| {r['client_cpu']:.2f} |"
         )
 
 
