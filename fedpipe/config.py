@@ -36,6 +36,8 @@ __all__ = [
     "SimulationConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_choice",
+    "check_range",
     "config_from_dict",
     "config_from_toml",
     "config_to_dict",
@@ -51,13 +53,15 @@ class ConfigError(ValueError):
     """A config key is unknown or its value is out of range; the message names both."""
 
 
-def _choice(section: str, name: str, value: object, allowed: Iterable[object]) -> None:
+def check_choice(section: str, name: str, value: object, allowed: Iterable[object]) -> None:
+    """`section.name=value` must be one of `allowed` (every component's config checks
+    its values with these two, so every message names the key the same way)."""
     allowed = tuple(allowed)
     if value not in allowed:
         raise ConfigError(f"{section}.{name}={value!r} is not allowed; choose one of {allowed}")
 
 
-def _range(
+def check_range(
     section: str,
     name: str,
     value: float,
@@ -65,6 +69,7 @@ def _range(
     hi: float | None = None,
     lo_open: bool = False,
 ) -> None:
+    """`section.name=value` must lie in [lo, hi] (or (lo, hi] with `lo_open`)."""
     too_low = lo is not None and (value <= lo if lo_open else value < lo)
     too_high = hi is not None and value > hi
     if too_low or too_high:
@@ -113,12 +118,12 @@ class DataConfig:
     channels: int = 3
 
     def __post_init__(self) -> None:
-        _choice(self.SECTION, "dataset", self.dataset, DATASETS)
+        check_choice(self.SECTION, "dataset", self.dataset, DATASETS)
         if self.dataset in USER_DATA and not self.path:
             raise ConfigError(f"data.path must name the data when data.dataset={self.dataset!r}")
-        _range(self.SECTION, "test_fraction", self.test_fraction, 0.0, 0.9)
-        _range(self.SECTION, "image_size", self.image_size, 0, 4096)
-        _choice(self.SECTION, "channels", self.channels, (1, 3))
+        check_range(self.SECTION, "test_fraction", self.test_fraction, 0.0, 0.9)
+        check_range(self.SECTION, "image_size", self.image_size, 0, 4096)
+        check_choice(self.SECTION, "channels", self.channels, (1, 3))
 
 
 @dataclass(frozen=True)
@@ -139,12 +144,12 @@ class PartitionConfig:
     holdout: float = 0.0
 
     def __post_init__(self) -> None:
-        _choice(self.SECTION, "scheme", self.scheme, PARTITIONERS)
-        _range(self.SECTION, "holdout", self.holdout, 0.0, 0.5)
-        _range(self.SECTION, "num_clients", self.num_clients, 1, 100_000)
-        _range(self.SECTION, "alpha", self.alpha, 0.0, lo_open=True)
-        _range(self.SECTION, "min_size", self.min_size, 0)
-        _range(self.SECTION, "classes_per_client", self.classes_per_client, 1)
+        check_choice(self.SECTION, "scheme", self.scheme, PARTITIONERS)
+        check_range(self.SECTION, "holdout", self.holdout, 0.0, 0.5)
+        check_range(self.SECTION, "num_clients", self.num_clients, 1, 100_000)
+        check_range(self.SECTION, "alpha", self.alpha, 0.0, lo_open=True)
+        check_range(self.SECTION, "min_size", self.min_size, 0)
+        check_range(self.SECTION, "classes_per_client", self.classes_per_client, 1)
 
 
 @dataclass(frozen=True)
@@ -160,8 +165,8 @@ class ModelConfig:
     init: str = ""
 
     def __post_init__(self) -> None:
-        _choice(self.SECTION, "name", self.name, MODELS)
-        _range(self.SECTION, "hidden", self.hidden, 1, 65_536)
+        check_choice(self.SECTION, "name", self.name, MODELS)
+        check_range(self.SECTION, "hidden", self.hidden, 1, 65_536)
 
 
 @dataclass(frozen=True)
@@ -182,14 +187,14 @@ class TrainConfig:
     amp: bool = True
 
     def __post_init__(self) -> None:
-        _range(self.SECTION, "epochs", self.epochs, 1, 10_000)
-        _range(self.SECTION, "batch_size", self.batch_size, 1, 1_000_000)
-        _choice(self.SECTION, "optimizer", self.optimizer, OPTIMIZERS)
-        _range(self.SECTION, "lr", self.lr, 0.0, 10.0, lo_open=True)
-        _range(self.SECTION, "momentum", self.momentum, 0.0, 1.0)
-        _range(self.SECTION, "weight_decay", self.weight_decay, 0.0, 1.0)
-        _choice(self.SECTION, "device", self.device, DEVICES)
-        _range(self.SECTION, "threads", self.threads, 1, 1024)
+        check_range(self.SECTION, "epochs", self.epochs, 1, 10_000)
+        check_range(self.SECTION, "batch_size", self.batch_size, 1, 1_000_000)
+        check_choice(self.SECTION, "optimizer", self.optimizer, OPTIMIZERS)
+        check_range(self.SECTION, "lr", self.lr, 0.0, 10.0, lo_open=True)
+        check_range(self.SECTION, "momentum", self.momentum, 0.0, 1.0)
+        check_range(self.SECTION, "weight_decay", self.weight_decay, 0.0, 1.0)
+        check_choice(self.SECTION, "device", self.device, DEVICES)
+        check_range(self.SECTION, "threads", self.threads, 1, 1024)
 
 
 @dataclass(frozen=True)
@@ -226,24 +231,24 @@ class FederationConfig:
     aggregation: str = "auto"
 
     def __post_init__(self) -> None:
-        _range(self.SECTION, "rounds", self.rounds, 1, 100_000)
-        _choice(self.SECTION, "strategy", self.strategy, STRATEGIES)
-        _choice(self.SECTION, "aggregation", self.aggregation, AGGREGATIONS)
+        check_range(self.SECTION, "rounds", self.rounds, 1, 100_000)
+        check_choice(self.SECTION, "strategy", self.strategy, STRATEGIES)
+        check_choice(self.SECTION, "aggregation", self.aggregation, AGGREGATIONS)
         if self.aggregation == "streaming" and self.strategy in BUFFERED_STRATEGIES:
             raise ConfigError(
                 f"federation.strategy={self.strategy!r} needs every update of a round at "
                 "once; use federation.aggregation=buffered (or auto)"
             )
-        _range(self.SECTION, "fraction_train", self.fraction_train, 0.0, 1.0, lo_open=True)
-        _range(self.SECTION, "fraction_evaluate", self.fraction_evaluate, 0.0, 1.0)
-        _range(self.SECTION, "min_nodes", self.min_nodes, 1)
-        _range(self.SECTION, "round_timeout", self.round_timeout, 0.0, lo_open=True)
-        _range(self.SECTION, "wait_for_nodes", self.wait_for_nodes, 0.0, lo_open=True)
-        _range(self.SECTION, "poll_interval", self.poll_interval, 0.0, 60.0, lo_open=True)
-        _range(self.SECTION, "server_momentum", self.server_momentum, 0.0, 1.0)
-        _range(self.SECTION, "trim_beta", self.trim_beta, 0.0, 0.5)
-        _range(self.SECTION, "num_malicious", self.num_malicious, 0, 100_000)
-        _range(self.SECTION, "krum_select", self.krum_select, 1, 100_000)
+        check_range(self.SECTION, "fraction_train", self.fraction_train, 0.0, 1.0, lo_open=True)
+        check_range(self.SECTION, "fraction_evaluate", self.fraction_evaluate, 0.0, 1.0)
+        check_range(self.SECTION, "min_nodes", self.min_nodes, 1)
+        check_range(self.SECTION, "round_timeout", self.round_timeout, 0.0, lo_open=True)
+        check_range(self.SECTION, "wait_for_nodes", self.wait_for_nodes, 0.0, lo_open=True)
+        check_range(self.SECTION, "poll_interval", self.poll_interval, 0.0, 60.0, lo_open=True)
+        check_range(self.SECTION, "server_momentum", self.server_momentum, 0.0, 1.0)
+        check_range(self.SECTION, "trim_beta", self.trim_beta, 0.0, 0.5)
+        check_range(self.SECTION, "num_malicious", self.num_malicious, 0, 100_000)
+        check_range(self.SECTION, "krum_select", self.krum_select, 1, 100_000)
 
 
 @dataclass(frozen=True)
@@ -269,15 +274,15 @@ class CodecConfig:
 
     def __post_init__(self) -> None:
         _check_scheme(self.SECTION, self.scheme, self.chunk_size, self.topk, self.topk_bits)
-        _range(self.SECTION, "max_staleness", self.max_staleness, 0, 1_000_000)
+        check_range(self.SECTION, "max_staleness", self.max_staleness, 0, 1_000_000)
 
 
 def _check_scheme(section: str, scheme: str, chunk_size: int, topk: float, bits: int) -> None:
     """A codec's settings, wherever they configure one (the uplink or the broadcast)."""
-    _choice(section, "scheme", scheme, CODECS)
-    _range(section, "chunk_size", chunk_size, 8, 1 << 24)
-    _range(section, "topk", topk, 0.0, 1.0, lo_open=True)
-    _choice(section, "topk_bits", bits, (2, 4, 8))
+    check_choice(section, "scheme", scheme, CODECS)
+    check_range(section, "chunk_size", chunk_size, 8, 1 << 24)
+    check_range(section, "topk", topk, 0.0, 1.0, lo_open=True)
+    check_choice(section, "topk_bits", bits, (2, 4, 8))
     if scheme.startswith("hadamard") and chunk_size & (chunk_size - 1):
         raise ConfigError(f"{section}.chunk_size={chunk_size} must be a power of two for {scheme}")
 
@@ -344,13 +349,13 @@ class BoundsConfig:
     reference_clients: int = 16
 
     def __post_init__(self) -> None:
-        _range(self.SECTION, "weight_ratio", self.weight_ratio, 0.0, 1e6)
+        check_range(self.SECTION, "weight_ratio", self.weight_ratio, 0.0, 1e6)
         if 0.0 < self.weight_ratio < 1.0:
             raise ConfigError("bounds.weight_ratio must be 0 (off) or at least 1")
-        _range(self.SECTION, "norm_ratio", self.norm_ratio, 0.0, 1e6)
-        _choice(self.SECTION, "norm_action", self.norm_action, NORM_ACTIONS)
-        _range(self.SECTION, "max_examples", self.max_examples, 1, 10**12)
-        _range(self.SECTION, "reference_clients", self.reference_clients, 1, 100_000)
+        check_range(self.SECTION, "norm_ratio", self.norm_ratio, 0.0, 1e6)
+        check_choice(self.SECTION, "norm_action", self.norm_action, NORM_ACTIONS)
+        check_range(self.SECTION, "max_examples", self.max_examples, 1, 10**12)
+        check_range(self.SECTION, "reference_clients", self.reference_clients, 1, 100_000)
 
 
 SEAL_MODES = ("auto", "on", "off")
@@ -369,8 +374,8 @@ class SecurityConfig:
     secagg: str = "off"
 
     def __post_init__(self) -> None:
-        _choice(self.SECTION, "seal", self.seal, SEAL_MODES)
-        _choice(self.SECTION, "secagg", self.secagg, SECAGG_MODES)
+        check_choice(self.SECTION, "seal", self.seal, SEAL_MODES)
+        check_choice(self.SECTION, "secagg", self.secagg, SECAGG_MODES)
 
     def sealed(self, deployed: bool) -> bool:
         return self.seal == "on" or (self.seal == "auto" and deployed)
@@ -402,17 +407,17 @@ class SecAggConfig:
     stage_timeout: float = 120.0
 
     def __post_init__(self) -> None:
-        _range(self.SECTION, "bits", self.bits, 1, 16)
-        _range(self.SECTION, "neighbours", self.neighbours, 0, 100_000)
+        check_range(self.SECTION, "bits", self.bits, 1, 16)
+        check_range(self.SECTION, "neighbours", self.neighbours, 0, 100_000)
         if self.neighbours % 2 or self.neighbours == 1:
             raise ConfigError(
                 f"secagg.neighbours={self.neighbours} must be 0 (all) or even and >= 2"
             )
-        _range(self.SECTION, "threshold", self.threshold, 0.5, 1.0, lo_open=True)
-        _range(self.SECTION, "clip", self.clip, 0.0, 1e6, lo_open=True)
-        _range(self.SECTION, "clip_ratio", self.clip_ratio, 0.0, 1e6, lo_open=True)
-        _range(self.SECTION, "min_devices", self.min_devices, 2, 65_536)
-        _range(self.SECTION, "stage_timeout", self.stage_timeout, 0.0, 86_400.0, lo_open=True)
+        check_range(self.SECTION, "threshold", self.threshold, 0.5, 1.0, lo_open=True)
+        check_range(self.SECTION, "clip", self.clip, 0.0, 1e6, lo_open=True)
+        check_range(self.SECTION, "clip_ratio", self.clip_ratio, 0.0, 1e6, lo_open=True)
+        check_range(self.SECTION, "min_devices", self.min_devices, 2, 65_536)
+        check_range(self.SECTION, "stage_timeout", self.stage_timeout, 0.0, 86_400.0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -452,16 +457,18 @@ class SimulationConfig:
     attack_scale: float = 10.0
 
     def __post_init__(self) -> None:
-        _range(self.SECTION, "cpus_per_client", self.cpus_per_client, 0.0, 1024.0, lo_open=True)
-        _range(self.SECTION, "gpus_per_client", self.gpus_per_client, 0.0, 64.0)
-        _range(self.SECTION, "workers", self.workers, 0, 100_000)
-        _range(self.SECTION, "cohort_size", self.cohort_size, 1, 100_000)
-        _choice(self.SECTION, "backend", self.backend, SIM_BACKENDS)
+        check_range(
+            self.SECTION, "cpus_per_client", self.cpus_per_client, 0.0, 1024.0, lo_open=True
+        )
+        check_range(self.SECTION, "gpus_per_client", self.gpus_per_client, 0.0, 64.0)
+        check_range(self.SECTION, "workers", self.workers, 0, 100_000)
+        check_range(self.SECTION, "cohort_size", self.cohort_size, 1, 100_000)
+        check_choice(self.SECTION, "backend", self.backend, SIM_BACKENDS)
         for cid in self.fail_clients:
-            _range(self.SECTION, "fail_clients[]", cid, 0)
-        _choice(self.SECTION, "attack", self.attack, ATTACKS)
-        _range(self.SECTION, "attacker_fraction", self.attacker_fraction, 0.0, 1.0)
-        _range(self.SECTION, "attack_scale", self.attack_scale, 0.0, 1e6, lo_open=True)
+            check_range(self.SECTION, "fail_clients[]", cid, 0)
+        check_choice(self.SECTION, "attack", self.attack, ATTACKS)
+        check_range(self.SECTION, "attacker_fraction", self.attacker_fraction, 0.0, 1.0)
+        check_range(self.SECTION, "attack_scale", self.attack_scale, 0.0, 1e6, lo_open=True)
         if self.attackers and self.attacker_fraction:
             raise ConfigError("give simulation.attackers (ids) or attacker_fraction, not both")
         if self.attack != "none" and not (self.attackers or self.attacker_fraction):
@@ -486,8 +493,8 @@ class ExportConfig:
     channel_fraction: float = 0.25
 
     def __post_init__(self) -> None:
-        _range(self.SECTION, "prune_amount", self.prune_amount, 0.0, 0.99)
-        _range(self.SECTION, "channel_fraction", self.channel_fraction, 0.0, 0.9)
+        check_range(self.SECTION, "prune_amount", self.prune_amount, 0.0, 0.99)
+        check_range(self.SECTION, "channel_fraction", self.channel_fraction, 0.0, 0.9)
 
 
 @dataclass(frozen=True)
@@ -502,8 +509,8 @@ class ReleaseConfig:
     max_worst_client_drop: float = 1.0
 
     def __post_init__(self) -> None:
-        _range(self.SECTION, "min_accuracy", self.min_accuracy, 0.0, 1.0)
-        _range(self.SECTION, "max_worst_client_drop", self.max_worst_client_drop, 0.0, 1.0)
+        check_range(self.SECTION, "min_accuracy", self.min_accuracy, 0.0, 1.0)
+        check_range(self.SECTION, "max_worst_client_drop", self.max_worst_client_drop, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -534,16 +541,16 @@ class RunConfig:
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
 
     def __post_init__(self) -> None:
-        _range("", "seed", self.seed, 0, 2**32 - 1)
+        check_range("", "seed", self.seed, 0, 2**32 - 1)
         if self.task and not all(p.isidentifier() for p in self.task.split(".")):
             raise ConfigError(f"task={self.task!r} must be a module name such as 'mypkg.task'")
         if not self.name or "/" in self.name:
             raise ConfigError(f"name={self.name!r} must be non-empty and contain no '/'")
         last = self.partition.num_clients - 1
         for cid in self.simulation.fail_clients:
-            _range("simulation", "fail_clients[]", cid, 0, last)
+            check_range("simulation", "fail_clients[]", cid, 0, last)
         for cid in self.simulation.attackers:
-            _range("simulation", "attackers[]", cid, 0, last)
+            check_range("simulation", "attackers[]", cid, 0, last)
         if self.security.secagg == "on":
             self._check_secagg()
 

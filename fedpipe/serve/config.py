@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fedpipe.config import ConfigError, _range
+from fedpipe.config import ConfigError, check_range
 
 __all__ = ["ServeConfig"]
 
@@ -51,17 +51,19 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not self.host:
             raise ConfigError("serve.host must not be empty")
-        _range(self.SECTION, "port", self.port, 0, 65535)  # 0: any free port
+        check_range(self.SECTION, "port", self.port, 0, 65535)  # 0: any free port
         if not self.artifact:
             raise ConfigError("serve.artifact must name an artifact of export.json")
-        _range(self.SECTION, "max_batch", self.max_batch, 1, 65_536)
-        _range(self.SECTION, "max_wait_ms", self.max_wait_ms, 0.0, 10_000.0)
-        _range(self.SECTION, "max_inputs", self.max_inputs, 1, 1_000_000)
+        check_range(self.SECTION, "max_batch", self.max_batch, 1, 65_536)
+        check_range(self.SECTION, "max_wait_ms", self.max_wait_ms, 0.0, 10_000.0)
+        check_range(self.SECTION, "max_inputs", self.max_inputs, 1, 1_000_000)
         # A request is admitted whole or not at all, so the largest one must fit.
-        _range(self.SECTION, "max_queue", self.max_queue, self.max_inputs, 10_000_000)
-        _range(self.SECTION, "max_body_bytes", self.max_body_bytes, 1024, 1 << 31)
-        _range(self.SECTION, "max_connections", self.max_connections, 1, 1_000_000)
-        _range(self.SECTION, "threads", self.threads, 1, 1024)
-        _range(self.SECTION, "drift_window", self.drift_window, 1, 10_000_000)
-        _range(self.SECTION, "drift_threshold", self.drift_threshold, 0.0, lo_open=True)
-        _range(self.SECTION, "drift_min_examples", self.drift_min_examples, 1, self.drift_window)
+        check_range(self.SECTION, "max_queue", self.max_queue, self.max_inputs, 10_000_000)
+        check_range(self.SECTION, "max_body_bytes", self.max_body_bytes, 1024, 1 << 31)
+        check_range(self.SECTION, "max_connections", self.max_connections, 1, 1_000_000)
+        check_range(self.SECTION, "threads", self.threads, 1, 1024)
+        check_range(self.SECTION, "drift_window", self.drift_window, 1, 10_000_000)
+        check_range(self.SECTION, "drift_threshold", self.drift_threshold, 0.0, lo_open=True)
+        check_range(
+            self.SECTION, "drift_min_examples", self.drift_min_examples, 1, self.drift_window
+        )
