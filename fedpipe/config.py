@@ -489,7 +489,7 @@ class ExportConfig:
     prune_amount: float = 0.7
     # Structured pruning: the fraction of each conv layer's output channels (and of
     # each hidden layer's units) removed (0: skip). MNIST CNN: 0.25 keeps accuracy,
-    # 0.5 costs 0.15 pt and runs float32 about 3x faster.
+    # 0.5 costs 0.15 pt and gives float32 2.8x its batch-64 throughput.
     channel_fraction: float = 0.25
 
     def __post_init__(self) -> None:
