@@ -246,7 +246,9 @@ class DeviceProfiles:
         for name, c in counts.items():
             if c.shape != (bins[name],) or c.dtype.kind not in "iu":
                 return f"profile {name} is {c.dtype}{list(c.shape)}, not {bins[name]} counts"
-            if c.min() < 0 or int(c.sum()) != examples:
+            # Each count within [0, examples] first: int64 sums of huge counts wrap
+            # around, and could otherwise be made to "sum" to anything.
+            if c.min() < 0 or c.max() > examples or int(c.sum()) != examples:
                 return f"profile {name} counts do not sum to the {examples} examples"
         for name, c in counts.items():
             self._sum[name] += c / examples

@@ -142,7 +142,10 @@ def test_device_histograms_checked_and_merged_per_device() -> None:
     negative = {**honest, "confidence": honest["confidence"] - 100}
     floats = {**honest, "input_max": honest["input_max"].astype(np.float32)}
     missing = {n: c for n, c in honest.items() if n != "input_min"}
-    for bad in (wrong_sum, wrong_bins, negative, floats, missing):
+    # Counts whose int64 sum wraps around to exactly 50: 2^62 + 2^62 + (2^63 - 1) + 1 + 50
+    wrapped = {**honest, "predicted": np.zeros_like(honest["predicted"])}
+    wrapped["predicted"][:5] = [2**62, 2**62, 2**63 - 1, 1, 50]
+    for bad in (wrong_sum, wrong_bins, negative, floats, missing, wrapped):
         assert devices.add(bad, 50) is not None
     assert devices.devices == 2
     mixed = profile.with_devices(DeviceProfiles.from_json(profile, devices.to_json()))

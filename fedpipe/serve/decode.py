@@ -95,7 +95,8 @@ def to_batch(values: np.ndarray, shape: tuple[int, ...], max_inputs: int) -> np.
     _check_kind(values.dtype)
     _check_count(len(values) if values.ndim else 0, max_inputs)
     _check_shape(values.shape, shape)
-    batch = values.astype(np.float32).reshape(len(values), *shape)
+    with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused just below
+        batch = values.astype(np.float32).reshape(len(values), *shape)
     if not np.isfinite(batch).all():
         raise BadRequest(400, "non_finite", "inputs must be finite float32 numbers (no NaN/inf)")
     return batch
