@@ -5,10 +5,9 @@
   the broadcast; building and initializing a fresh module per client cost about 1 ms of
   a 5 ms MLP client); the server builds a fresh, seeded one.
 - train_data: a deployed device's own shard file (`fedpipe-client --data`, node config
-  `data-path`), else the client's partition of `[data]` (simulation); without the
-  `partition.holdout` fraction the device keeps back for
-- eval_data: its own held-out split, for federated evaluation (the whole shard when
-  holdout is 0).
+  `data-path`), else the client's partition of `[data]` (simulation), less what
+- eval_data returns: the `partition.holdout` fraction of that shard the client keeps
+  back for federated evaluation (the whole shard when holdout is 0).
 - test_data: the dataset's test split, for the server's central evaluation.
 - calibration_data: the dataset's training split (the coordinator of a simulation, or
   one that holds the public dataset), for the int8 export.
@@ -63,32 +62,28 @@ def _shard(ctx: TaskContext) -> Split:
     return client_shard(cfg.data, cfg.partition, cfg.seed, ctx.client_id)
 
 
-def _held_out(ctx: TaskContext, shard: Split) -> torch.Tensor:
-    """Which of the shard's examples the client keeps back: a fixed, seeded draw per
-    client (the same every round, so it is never trained on)."""
-    keep = int(round(ctx.config.partition.holdout * len(shard)))
-    keep = min(max(keep, 1), len(shard) - 1) if ctx.config.partition.holdout else 0
+def _parts(ctx: TaskContext) -> tuple[Split, Split]:
+    """The shard as (what the client trains on, what it keeps back): a fixed, seeded
+    draw of `partition.holdout` of it per client, the same every round, so the held-out
+    part is never trained on (with no holdout, both are the whole shard)."""
+    shard = _shard(ctx)
+    fraction = ctx.config.partition.holdout
+    if not fraction or len(shard) < 2:
+        return shard, shard
+    keep = min(max(int(round(fraction * len(shard))), 1), len(shard) - 1)
     seed = ctx.config.seed * 1_000_003 + (ctx.client_id or 0)
     order = torch.randperm(len(shard), generator=torch.Generator().manual_seed(seed))
-    mask = torch.zeros(len(shard), dtype=torch.bool)
-    mask[order[:keep]] = True
-    return mask
+    held = torch.zeros(len(shard), dtype=torch.bool)
+    held[order[:keep]] = True
+    return Split(shard.x[~held], shard.y[~held]), Split(shard.x[held], shard.y[held])
 
 
 def train_data(ctx: TaskContext) -> Split:
-    shard = _shard(ctx)
-    if not ctx.config.partition.holdout or len(shard) < 2:
-        return shard
-    held = _held_out(ctx, shard)
-    return Split(shard.x[~held], shard.y[~held])
+    return _parts(ctx)[0]
 
 
 def eval_data(ctx: TaskContext) -> Split:
-    shard = _shard(ctx)
-    if not ctx.config.partition.holdout or len(shard) < 2:
-        return shard
-    held = _held_out(ctx, shard)
-    return Split(shard.x[held], shard.y[held])
+    return _parts(ctx)[1]
 
 
 def test_data(ctx: TaskContext) -> Split | None:

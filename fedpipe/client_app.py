@@ -403,7 +403,9 @@ def client_evaluate(
     return Message(content, reply_to=msg)
 
 
-def _profile(task: Task, model: torch.nn.Module, data: object, bins: str) -> Update | None:
+def _profile(
+    task: Task, model: torch.nn.Module, data: object, bins: str
+) -> dict[str, np.ndarray] | None:
     """Counts of the held-out data in the announced bins; None (and a log line) when the
     bins or the data cannot be read: the evaluation still counts."""
     try:
