@@ -46,6 +46,7 @@ from fedpipe.prune import channel_prune, magnitude_prune, sparsity
 from fedpipe.release import check_release
 from fedpipe.rundir import CONFIG_FILE, DEVICE_PROFILE_FILE, MODEL_FILE, write_json
 from fedpipe.task import TaskContext, as_split, load_task
+from fedpipe.training import validate
 
 __all__ = [
     "ExportError",
@@ -207,7 +208,7 @@ def export_run(
     test = as_split(raw, f"{task.name}.test_data") if raw is not None else None
     if test is None or tuple(test.x.shape[1:]) != shape or len(test) == 0:
         raise ExportError(f"the run's task {task.name!r} has no test data of the model's {shape}")
-    gate = check_release(run_dir, cfg.release, _check(model, model, test)[0])
+    gate = check_release(run_dir, cfg.release, validate(model, test).accuracy)
     if not gate.passed and not ignore_gate:
         raise ReleaseRefused(f"release gate failed: {gate.failures()}; nothing was exported")
     out.mkdir(exist_ok=True)
