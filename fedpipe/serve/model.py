@@ -13,11 +13,11 @@ from typing import Any
 
 from fedpipe.drift import PROFILE_FILE, DriftError, Profile
 from fedpipe.export import EXPORT_DIR, load_artifact
+from fedpipe.lineage import LINEAGE_FILE
 from fedpipe.serve.batcher import Model
 
-__all__ = ["ALIASES", "LINEAGE_FILE", "ServeError", "ServedModel", "load_served_model"]
+__all__ = ["ALIASES", "ServeError", "ServedModel", "load_served_model"]
 
-LINEAGE_FILE = "lineage.json"
 EXPORT_FILE = "export.json"
 # Short names for the two artifacts every export has.
 ALIASES = {"fp32": "torchscript-fp32", "int8": "torchscript-int8"}
