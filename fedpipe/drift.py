@@ -79,23 +79,28 @@ def _bins(edges: Mapping[str, np.ndarray], classes: int, name: str) -> int:
     return classes if name == "predicted" else len(edges[name]) + 1
 
 
+def _bin_of(
+    edges: Mapping[str, np.ndarray], classes: int, values: Mapping[str, np.ndarray], name: str
+) -> np.ndarray:
+    """The bin of each value of descriptor `name`: bin i of a continuous descriptor holds
+    edges[i-1] <= v < edges[i]; predicted classes outside [0, classes) are clipped into
+    the end bins (they cannot occur with a model of that many outputs)."""
+    v = values[name]
+    if name == "predicted":
+        return np.clip(v.astype(np.int64), 0, classes - 1)
+    return np.searchsorted(edges[name], v, side="right")
+
+
 def histograms(
     edges: Mapping[str, np.ndarray], classes: int, values: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """Counts of `values` (from `describe`) in the profile's bins, int64 per descriptor.
-
-    Bin i of a continuous descriptor holds edges[i-1] <= v < edges[i]; predicted classes
-    outside [0, classes) are clipped into the end bins (they cannot occur with a model
-    of that many outputs)."""
-    out: dict[str, np.ndarray] = {}
-    for name in DESCRIPTORS:
-        v = values[name]
-        if name == "predicted":
-            idx = np.clip(v.astype(np.int64), 0, classes - 1)
-        else:
-            idx = np.searchsorted(edges[name], v, side="right")
-        out[name] = np.bincount(idx, minlength=_bins(edges, classes, name)).astype(np.int64)
-    return out
+    """Counts of `values` (from `describe`) in the profile's bins, int64 per descriptor."""
+    return {
+        n: np.bincount(
+            _bin_of(edges, classes, values, n), minlength=_bins(edges, classes, n)
+        ).astype(np.int64)
+        for n in DESCRIPTORS
+    }
 
 
 def parse_bins(text: str) -> tuple[dict[str, np.ndarray], int]:
@@ -316,15 +321,9 @@ class DriftMonitor:
     def observe(self, x: torch.Tensor, probs: torch.Tensor) -> None:
         """Count a batch's examples (inputs as the model saw them, its probabilities)."""
         values = describe(x, probs)
-        idx = np.stack(
-            [
-                np.clip(values[n].astype(np.int64), 0, self.profile.classes - 1)
-                if n == "predicted"
-                else np.searchsorted(self.profile.edges[n], values[n], side="right")
-                for n in DESCRIPTORS
-            ],
-            axis=1,
-        )[-self.window :]  # (k, descriptors)
+        edges, classes = self.profile.edges, self.profile.classes
+        idx = np.stack([_bin_of(edges, classes, values, n) for n in DESCRIPTORS], axis=1)
+        idx = idx[-self.window :]  # (k, descriptors)
         with self._lock:
             slots = (self._next + np.arange(len(idx))) % self.window
             # A slot still holds a counted example once the ring has filled, or when it
