@@ -17,7 +17,7 @@ from fedpipe.client_app import client_evaluate
 from fedpipe.codec import CastCodec
 from fedpipe.config import load_config
 from fedpipe.data import Split, load_dataset
-from fedpipe.drift import DESCRIPTORS, Profile
+from fedpipe.drift import DESCRIPTORS, Profile, parse_bins
 from fedpipe.records import (
     CONFIG,
     EVAL_ACCURACY,
@@ -156,7 +156,7 @@ def test_hostile_histograms_are_refused_and_counted_and_the_stage_goes_on() -> N
     assert intake.profiles is not None and intake.profiles.devices == 1
 
 
-def test_evaluate_config_without_a_profile_asks_for_nothing() -> None:
+def test_histograms_nobody_asked_for_are_ignored() -> None:
     intake = EvaluationIntake(None)
     intake.add(1, RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 5, EVAL_ACCURACY: 0.5})}))
     intake.add(
@@ -169,4 +169,14 @@ def test_evaluate_config_without_a_profile_asks_for_nothing() -> None:
         ),
     )
     assert len(intake.kept()) == 2 and intake.profiles is None
-    assert ConfigRecord(profile_config(_profile()))  # a valid ConfigRecord entry
+    assert intake.result().rejected == 0
+
+
+def test_the_bins_a_device_is_sent_are_the_profiles() -> None:
+    profile = _profile()
+    sent = ConfigRecord(profile_config(profile))[PROFILE_EDGES]
+    assert isinstance(sent, str)
+    edges, classes = parse_bins(sent)
+    assert classes == profile.classes and edges.keys() == profile.edges.keys()
+    for name, e in edges.items():
+        np.testing.assert_array_equal(e, profile.edges[name])
